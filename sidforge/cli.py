@@ -1,0 +1,144 @@
+"""The ``sidforge`` command.
+
+    sidforge prepare --config configs/amazon-beauty.yaml [--set prepare.coclick.window=5]
+    sidforge data list | sidforge data pull amazon-beauty-2014
+
+Stages run on an embedded local Ray cluster unless ``--address`` or ``RAY_ADDRESS`` names one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from sidforge.platform.config import Config, ConfigError, load_config
+from sidforge.platform.schemas import DataError
+
+log = logging.getLogger("sidforge")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", help="experiment YAML (configs/*.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value by its dotted path, e.g. prepare.coclick.window=5")
+    p.add_argument("--run-dir", help="run directory (default: the config's run_dir)")
+    p.add_argument("--data-dir", help="data directory (default: $SIDFORGE_DATA_DIR or the user cache)")
+    p.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else an embedded cluster)")
+    p.add_argument("--force", action="store_true", help="re-run even if inputs and config are unchanged")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sidforge", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare", help="validate, re-index, split; item stats and co-click pairs (Ray Data)")
+    _add_common(p)
+
+    p = sub.add_parser("config", help="print the resolved config as YAML")
+    _add_common(p)
+
+    data = sub.add_parser("data", help="benchmark data: list what is known and present, download")
+    dsub = data.add_subparsers(dest="data_command", required=True)
+    p = dsub.add_parser("list", help="known benchmarks and whether they are present")
+    p.add_argument("--data-dir")
+    p = dsub.add_parser("pull", help="download a benchmark from its public sources (sha256-checked)")
+    p.add_argument("name")
+    p.add_argument("--data-dir")
+    p.add_argument("--mirror", help="base URL of a mirror ({mirror}/{name}/{file}); or $SIDFORGE_DATA_MIRROR")
+    p.add_argument("--force", action="store_true")
+    return parser
+
+
+def _config(args: argparse.Namespace) -> Config:
+    cfg = load_config(args.config, args.overrides)
+    if args.run_dir:
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, run_dir=args.run_dir)
+    return cfg
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from sidforge.platform.artifacts import RunDir
+    from sidforge.platform.datasets import resolve_data_dir
+    from sidforge.platform.runtime import init_ray
+    from sidforge.stages import prepare
+
+    cfg = _config(args)
+    init_ray(args.address)
+    result = prepare.run(cfg, RunDir(cfg.run_dir), resolve_data_dir(args.data_dir), force=args.force)
+    status = "unchanged (skipped)" if result.skipped else f"done in {result.wall_time_s:.1f} s"
+    print(f"prepare: {status} -> {result.out_dir}")
+    print(format_table([(k, f"{v:,}") for k, v in result.rows.items()], ("table", "rows")))
+    for key in ("buckets", "rejects_by_reason"):
+        if result.metrics.get(key):
+            print(f"{key}: " + ", ".join(f"{k}={v:,}" for k, v in result.metrics[key].items()))
+    extra = {k: v for k, v in result.metrics.items() if not isinstance(v, dict)}
+    print(", ".join(f"{k}={v:,}" for k, v in extra.items()))
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from sidforge.platform.config import dump_config
+
+    print(dump_config(_config(args)), end="")
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from sidforge.platform import datasets
+
+    data_dir = datasets.resolve_data_dir(args.data_dir)
+    if args.data_command == "list":
+        rows = [(b["name"], b["source"], "yes" if b["complete"] else ("partial" if b["present"] else "no"),
+                 b["description"]) for b in datasets.list_benchmarks(data_dir)]
+        print(f"data directory: {data_dir}")
+        print(format_table(rows, ("name", "format", "present", "what")))
+        return 0
+    path = datasets.pull(args.name, data_dir, mirror=args.mirror, force=args.force, progress=sys.stderr.isatty())
+    print(f"{args.name}: complete at {path}")
+    return 0
+
+
+def format_table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
+    """A plain aligned text table."""
+    cells = [list(map(str, header))] + [list(map(str, r)) for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+COMMANDS = {"prepare": cmd_prepare, "config": cmd_config, "data": cmd_data}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if not args.verbose:
+        logging.getLogger("sidforge").setLevel(logging.INFO)
+        for noisy in ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return COMMANDS[args.command](args)
+    except (ConfigError, DataError) as e:
+        print(f"sidforge: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # the datasets module's own errors
+        if type(e).__name__ in ("DownloadError", "UnknownBenchmark"):
+            print(f"sidforge: error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["main", "build_parser", "format_table", "json", "Path"]

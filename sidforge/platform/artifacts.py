@@ -1,0 +1,135 @@
+"""Run directories: stage outputs, the manifest, fingerprints and atomic writes.
+
+A run directory holds one folder per stage plus ``manifest.json``. A stage writes into a temporary
+sibling folder and renames it into place only when everything is written, then records its manifest
+entry (config hash, input fingerprints, output fingerprints, row counts, metrics, wall time). A stage
+whose entry matches its current config and inputs, and whose outputs still match their recorded
+fingerprints, is skipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+log = logging.getLogger(__name__)
+
+MANIFEST_VERSION = 1
+
+
+class StageEntry(BaseModel):
+    """One stage's record in the manifest."""
+
+    config_hash: str
+    inputs: dict[str, str] = Field(default_factory=dict)
+    outputs: dict[str, str] = Field(default_factory=dict)
+    rows: dict[str, int] = Field(default_factory=dict)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    wall_time_s: float = 0.0
+    finished_at: str = ""
+
+
+class Manifest(BaseModel):
+    version: int = MANIFEST_VERSION
+    stages: dict[str, StageEntry] = Field(default_factory=dict)
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fingerprint_files(paths: list[Path], root: Path | None = None) -> dict[str, str]:
+    """sha256 of each file, keyed by its path (relative to ``root`` when given)."""
+    out = {}
+    for p in sorted(set(paths)):
+        key = str(p.relative_to(root)) if root is not None else str(p)
+        out[key] = file_sha256(p)
+    return out
+
+
+def fingerprint_tree(folder: Path) -> dict[str, str]:
+    """Fingerprints of every file under ``folder``, keyed by relative path."""
+    return fingerprint_files([p for p in folder.rglob("*") if p.is_file()], root=folder)
+
+
+class RunDir:
+    """A run directory on the local filesystem."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path).expanduser().resolve()
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.path / stage
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / "manifest.json"
+
+    def read_manifest(self) -> Manifest:
+        if not self.manifest_path.exists():
+            return Manifest()
+        try:
+            return Manifest.model_validate_json(self.manifest_path.read_text())
+        except ValueError as e:
+            raise ValueError(f"{self.manifest_path}: unreadable manifest ({e}); delete it to rebuild the run") from e
+
+    def record(self, stage: str, entry: StageEntry) -> None:
+        """Write ``stage``'s manifest entry atomically."""
+        manifest = self.read_manifest()
+        manifest.stages[stage] = entry
+        self.path.mkdir(parents=True, exist_ok=True)
+        tmp = self.manifest_path.with_suffix(f".tmp-{uuid.uuid4().hex[:8]}")
+        tmp.write_text(manifest.model_dump_json(indent=2))
+        os.replace(tmp, self.manifest_path)
+
+    def is_current(self, stage: str, config_hash: str, inputs: dict[str, str]) -> bool:
+        """True when ``stage`` ran with this config and these inputs and its outputs are intact."""
+        entry = self.read_manifest().stages.get(stage)
+        if entry is None or entry.config_hash != config_hash or entry.inputs != inputs:
+            return False
+        out = self.stage_dir(stage)
+        if not out.is_dir():
+            return False
+        actual = fingerprint_tree(out)
+        if actual != entry.outputs:
+            log.warning("%s: outputs do not match their recorded fingerprints; rebuilding", out)
+            return False
+        return True
+
+    @contextlib.contextmanager
+    def writing(self, stage: str) -> Iterator[Path]:
+        """Yield a temporary folder; on success it replaces the stage folder, on failure it is removed."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        tmp = self.path / f".{stage}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            yield tmp
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        final = self.stage_dir(stage)
+        if final.exists():
+            old = self.path / f".{stage}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+
+
+def now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")

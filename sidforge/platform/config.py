@@ -1,0 +1,297 @@
+"""Typed experiment configuration: frozen dataclasses loaded from YAML.
+
+One loader turns a YAML mapping into the :class:`Config` tree. It rejects unknown keys and values of
+the wrong type, naming the key's full dotted path (``prepare.coclick.window``) so the user knows
+exactly what to fix. Command-line overrides use the same paths: ``--set prepare.coclick.window=5``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or of the wrong type."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Sections
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the raw data comes from.
+
+    Attributes:
+        source: adapter that reads the raw data: ``s3rec`` (sequence file + datamaps + attributes),
+            ``recbole`` (RecBole atomic files), ``recbole-mm`` (RecBole + precomputed modality
+            features), ``table`` (a user's own Parquet/CSV logs and item table) or ``synthetic``.
+        name: benchmark name; its folder is looked up under the data directory.
+        path: explicit folder (overrides ``name``); relative paths resolve against the data directory.
+        split: ``loo`` builds leave-one-out splits; ``official`` keeps a split shipped with the data
+            (RecBole train/valid/test), which is also leave-one-out for the benchmarks here.
+        interactions: for ``table``: Parquet/CSV file or folder with user_id, item_id and
+            timestamp or position.
+        items: for ``table``: optional Parquet/CSV item table keyed by item_id.
+    """
+
+    source: Literal["s3rec", "recbole", "recbole-mm", "table", "synthetic"] = "synthetic"
+    name: str = ""
+    path: str = ""
+    split: Literal["loo", "official"] = "loo"
+    interactions: str = ""
+    items: str = ""
+
+    def __post_init__(self) -> None:
+        if self.source in ("s3rec", "recbole", "recbole-mm") and not (self.name or self.path):
+            raise ConfigError(f"data.name or data.path is required for data.source={self.source!r}")
+        if self.source == "table" and not self.interactions:
+            raise ConfigError("data.interactions is required for data.source='table' (a Parquet/CSV path)")
+        if self.split == "official" and self.source not in ("recbole", "recbole-mm"):
+            raise ConfigError(
+                f"data.split='official' needs a source that ships a split (recbole, recbole-mm), "
+                f"not {self.source!r}; use data.split=loo"
+            )
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """Synthetic logs with a planted truth (used by tests, the demo and benchmarks).
+
+    Items belong to latent clusters; an item's content vector and text are drawn around its
+    cluster's centre, and a user's next item stays in the current cluster with probability
+    ``stickiness``. Item popularity follows a Zipf law with exponent ``zipf_a``.
+    """
+
+    num_users: int = 2000
+    num_items: int = 1000
+    num_clusters: int = 20
+    mean_seq_len: float = 8.0
+    min_seq_len: int = 5
+    zipf_a: float = 1.1
+    stickiness: float = 0.8
+    feature_dim: int = 32
+    noise: float = 0.3
+    seed: int = 0
+    shard_rows: int = 1_000_000
+
+    def __post_init__(self) -> None:
+        if self.num_items < self.num_clusters:
+            raise ConfigError("synthetic.num_items must be >= synthetic.num_clusters")
+        if self.min_seq_len < 3:
+            raise ConfigError("synthetic.min_seq_len must be >= 3 so that each user has train, valid and test")
+        if not 0.0 <= self.stickiness <= 1.0:
+            raise ConfigError("synthetic.stickiness must be in [0, 1]")
+        if self.mean_seq_len < self.min_seq_len:
+            raise ConfigError("synthetic.mean_seq_len must be >= synthetic.min_seq_len")
+
+
+@dataclass(frozen=True)
+class CoclickConfig:
+    """Co-click pair mining over the training part of each user's sequence.
+
+    Two items are co-clicked when they occur within ``window`` positions of each other in one
+    user's training sequence. Pairs seen fewer than ``min_count`` times are discarded. To keep
+    bestsellers from dominating, each pair gets ``weight = count / (freq_a * freq_b) ** pop_alpha``
+    (freq = train frequency; ``pop_alpha=0`` keeps raw counts) and each item keeps at most
+    ``max_per_item`` partners, the highest-weighted ones. A ``holdout_fraction`` of pairs, chosen by
+    a hash of the pair (stable across runs), is marked ``heldout`` for i2i evaluation.
+    """
+
+    window: int = 3
+    min_count: int = 2
+    pop_alpha: float = 0.5
+    max_per_item: int = 50
+    holdout_fraction: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.window < 1:
+            raise ConfigError("prepare.coclick.window must be >= 1")
+        if self.min_count < 1:
+            raise ConfigError("prepare.coclick.min_count must be >= 1")
+        if self.max_per_item < 1:
+            raise ConfigError("prepare.coclick.max_per_item must be >= 1")
+        if not 0.0 <= self.holdout_fraction < 1.0:
+            raise ConfigError("prepare.coclick.holdout_fraction must be in [0, 1)")
+        if self.pop_alpha < 0:
+            raise ConfigError("prepare.coclick.pop_alpha must be >= 0")
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """The prepare stage: validation, re-indexing, splits, item statistics and co-click pairs.
+
+    Attributes:
+        min_seq_len: users with fewer interactions are set aside (rejects, reason ``short_sequence``);
+            3 is the minimum for leave-one-out (train, valid, test).
+        cold_item_fraction: share of items held out of training entirely (cold-start protocol);
+            their training interactions are kept with split ``heldout``.
+        num_partitions: partitions of the user shuffle (more = smaller, bounded memory per task).
+    """
+
+    min_seq_len: int = 3
+    cold_item_fraction: float = 0.0
+    num_partitions: int = 8
+    coclick: CoclickConfig = field(default_factory=CoclickConfig)
+
+    def __post_init__(self) -> None:
+        if self.min_seq_len < 3:
+            raise ConfigError("prepare.min_seq_len must be >= 3 (train, valid and test need one item each)")
+        if not 0.0 <= self.cold_item_fraction < 0.5:
+            raise ConfigError("prepare.cold_item_fraction must be in [0, 0.5)")
+        if self.num_partitions < 1:
+            raise ConfigError("prepare.num_partitions must be >= 1")
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole experiment. Each YAML under ``configs/`` is one of these."""
+
+    name: str = "sidforge"
+    seed: int = 0
+    run_dir: str = "runs/default"
+    data: DataConfig = field(default_factory=DataConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def section_hash(self, *sections: str) -> str:
+        """Stable hash of the named top-level sections (what a stage depends on)."""
+        d = self.to_dict()
+        payload = {s: d[s] for s in sections}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------
+# Loader
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a :class:`Config` from YAML, then apply ``a.b=c`` overrides.
+
+    Args:
+        path: YAML file; ``None`` starts from the defaults.
+        overrides: strings ``dotted.key=value``; values are parsed as YAML scalars.
+
+    Raises:
+        ConfigError: on an unknown key, a wrong type, or a failed cross-field check.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections")
+    for ov in overrides or []:
+        _apply_override(raw, ov)
+    return from_dict(Config, raw)
+
+
+def _apply_override(raw: dict[str, Any], override: str) -> None:
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} must look like section.key=value")
+    key, value = override.split("=", 1)
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key!r}: {part!r} is not a section")
+    node[parts[-1]] = yaml.safe_load(value) if value.strip() else ""
+
+
+def from_dict(cls: type, data: Any, path: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, checking keys and types; errors name the full path."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = f"{path}." if path else ""
+        raise ConfigError(
+            f"unknown config key {where}{unknown[0]!r}; valid keys here: {', '.join(sorted(fields))}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(hints[name], value, f"{path}.{name}" if path else name)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(str(e)) from None
+    except TypeError as e:  # pragma: no cover - dataclass signature mismatch
+        raise ConfigError(f"{path or 'config'}: {e}") from e
+
+
+def _coerce(tp: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, path)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{path}: {value!r} is not one of {', '.join(map(repr, choices))}")
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, path)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{path}: invalid value {value!r}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {type(value).__name__} {value!r}")
+        (item_tp, *_) = typing.get_args(tp) or (Any,)
+        items = [_coerce(item_tp, v, f"{path}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{path}: unsupported config type {tp!r}")  # pragma: no cover
+
+
+def dump_config(cfg: Config) -> str:
+    """The config as YAML (what a run directory records and what ``--set`` overrides produce)."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,468 @@
+"""The prepare stage on Ray Data: raw logs and item content → the canonical tables.
+
+Flow (every step streams; only vocabularies, item counts and summed co-click pairs reach the driver):
+
+1. read the source through its adapter; collect the user and item vocabularies;
+2. validate each row (null ids or order → rejects) and re-index ids to contiguous int64;
+3. hash-shuffle by user; per partition sort, de-duplicate, set short users aside, assign
+   leave-one-out (or official) splits and the cold-item hold-out;
+4. from the per-user result: the interactions table, train item counts → item stats and popularity
+   buckets, and co-click pair counts (shuffled by pair, summed, then weighted and capped).
+
+Outputs go to ``RUN/prepare/`` through a temporary folder, with a manifest entry. Nothing built
+from valid/test interactions reaches the item stats or the co-click pairs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from sidforge.platform.adapters import RawSource, load_source
+from sidforge.platform.artifacts import RunDir, StageEntry, fingerprint_files, fingerprint_tree, now_iso
+from sidforge.platform.config import Config
+from sidforge.platform.logs import (
+    OFFICIAL_CODES,
+    SPLIT_NAMES,
+    TRAIN,
+    choose_cold_items,
+    coclick_counts,
+    finalize_coclicks,
+    order_and_split,
+    sum_pairs,
+)
+from sidforge.platform.metrics import popularity_buckets
+from sidforge.platform.schemas import COCLICKS, ITEM_STATS, REJECTS, DataError
+
+log = logging.getLogger(__name__)
+
+STAGE = "prepare"
+
+
+@dataclass
+class PrepareResult:
+    out_dir: Path
+    skipped: bool
+    rows: dict[str, int]
+    metrics: dict[str, Any]
+    wall_time_s: float
+
+
+# ----------------------------------------------------------------------------------------------
+# entry point
+
+
+def run(cfg: Config, run_dir: RunDir, data_dir: Path, force: bool = False) -> PrepareResult:
+    """Run (or skip) the prepare stage; returns what it wrote."""
+    t0 = time.perf_counter()
+    config_hash = stage_config_hash(cfg)
+    inputs = _input_fingerprints(cfg, data_dir)
+    if not force and run_dir.is_current(STAGE, config_hash, inputs):
+        entry = run_dir.read_manifest().stages[STAGE]
+        log.info("prepare: inputs and config unchanged, skipping (%s)", run_dir.stage_dir(STAGE))
+        return PrepareResult(run_dir.stage_dir(STAGE), True, entry.rows, entry.metrics, 0.0)
+    with run_dir.writing(STAGE) as out:
+        source = load_source(cfg, data_dir, out / "_staging")
+        rows, metrics = _prepare(cfg, source, out)
+        _remove_tree(out / "_staging")
+    wall = time.perf_counter() - t0
+    final = run_dir.stage_dir(STAGE)
+    run_dir.record(STAGE, StageEntry(config_hash=config_hash, inputs=inputs, outputs=fingerprint_tree(final),
+                                     rows=rows, metrics=metrics, wall_time_s=round(wall, 3),
+                                     finished_at=now_iso()))
+    log.info("prepare: wrote %s in %.1f s", final, wall)
+    return PrepareResult(final, False, rows, metrics, wall)
+
+
+def stage_config_hash(cfg: Config) -> str:
+    sections = ["data", "prepare", "seed"] + (["synthetic"] if cfg.data.source == "synthetic" else [])
+    return cfg.section_hash(*sections)
+
+
+def _input_fingerprints(cfg: Config, data_dir: Path) -> dict[str, str]:
+    """Fingerprint the raw inputs without parsing them (synthetic data is fixed by its config)."""
+    d = cfg.data
+    if d.source == "synthetic":
+        return {"synthetic": cfg.section_hash("synthetic")}
+    if d.source == "table":
+        paths = [Path(p) for p in (d.interactions, d.items) if p]
+        base = Path(d.path) if d.path else Path(".")
+        paths = [p if p.is_absolute() else base / p for p in paths]
+    else:
+        folder = Path(d.path) if d.path else data_dir / d.name
+        if not folder.is_dir():
+            raise DataError(f"data folder {folder} not found; set SIDFORGE_DATA_DIR or --data-dir, "
+                            f"or download it with `sidforge data pull {d.name or '<name>'}`")
+        paths = [folder]
+    files: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            files += [f for f in p.rglob("*") if f.is_file()]
+        elif p.exists():
+            files.append(p)
+        else:
+            raise DataError(f"input {p} does not exist (data.interactions / data.items)")
+    return fingerprint_files(files)
+
+
+def _remove_tree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# the pipeline
+
+
+def _prepare(cfg: Config, source: RawSource, out: Path) -> tuple[dict[str, int], dict[str, Any]]:
+    import ray
+
+    pcfg = cfg.prepare
+    official = cfg.data.split == "official"
+    if official and not source.has_official_split:
+        raise DataError("data.split=official but this source ships no split; use data.split=loo")
+    ds = _dataset(source)
+    users, items = _vocabularies(ds, source)
+    num_items = len(items)
+    cold = choose_cold_items(num_items, pcfg.cold_item_fraction, cfg.seed)
+    refs = {"users": ray.put(users), "items": ray.put(items), "cold": ray.put(cold)}
+
+    row_rejects = ds.map_batches(_MapIds(refs, source.order, official, rejects=True), batch_format="pyarrow")
+    per_user = (
+        ds.map_batches(_MapIds(refs, source.order, official, rejects=False), batch_format="pyarrow")
+        .repartition(pcfg.num_partitions, keys=["user_id"])
+        .map_batches(_PerUser(refs, pcfg.min_seq_len, official, pcfg.coclick.window), batch_size=None,
+                     batch_format="pyarrow")
+        .materialize()
+    )
+    _of_kind(per_user, "interaction", ["user_id", "item_id", "position", "split"]).write_parquet(
+        str(out / "interactions"))
+
+    counts = np.zeros(num_items, dtype=np.int64)
+    for batch in _of_kind(per_user, "count", ["item_id", "count"]).iter_batches(batch_size=None,
+                                                                                  batch_format="numpy"):
+        np.add.at(counts, batch["item_id"], batch["count"])
+    buckets = popularity_buckets(counts)
+    pq.write_table(pa.table({"item_id": np.arange(num_items, dtype=np.int64), "train_count": counts,
+                             "bucket": buckets, "cold_holdout": cold}, schema=ITEM_STATS),
+                   out / "item_stats.parquet")
+
+    pairs = _coclicks(_of_kind(per_user, "pair", ["item_id", "item_b", "count"]), counts, cfg)
+    pq.write_table(pa.table(pairs, schema=COCLICKS), out / "cocliks.parquet")
+
+    item_table, item_rejects = _items_output(items, source.items)
+    pq.write_table(item_table, out / "items.parquet")
+    pq.write_table(pa.table({"user_id": np.arange(len(users), dtype=np.int64), "source_id": users}),
+                   out / "users.parquet")
+    rejects = pa.concat_tables(
+        [_to_rejects(t) for t in (_collect(row_rejects), _collect(_of_kind(per_user, "reject", _REJECT_COLS)))]
+        + [item_rejects]
+    )
+    pq.write_table(rejects, out / "rejects.parquet")
+    return _summary(out, len(users), num_items, counts, buckets, cold, pairs, rejects, item_table)
+
+
+def _summary(out: Path, num_users: int, num_items: int, counts: np.ndarray, buckets: np.ndarray,
+             cold: np.ndarray, pairs: dict[str, np.ndarray], rejects: pa.Table, items: pa.Table
+             ) -> tuple[dict[str, int], dict[str, Any]]:
+    inter = pq.read_table(out / "interactions", columns=["user_id", "split"])
+    splits = inter.column("split").to_numpy(zero_copy_only=False)
+    rows = {
+        "users": len(pc.unique(inter.column("user_id"))),
+        "users_seen": num_users,
+        "items": num_items,
+        "interactions": inter.num_rows,
+        **{f"split_{k}": int(v) for k, v in zip(*np.unique(splits, return_counts=True))},
+        "cocliks": len(pairs["item_a"]),
+        "rejects": rejects.num_rows,
+    }
+
+    def tally(values: np.ndarray) -> dict[str, int]:
+        return {str(k): int(v) for k, v in zip(*np.unique(values, return_counts=True))}
+
+    metrics = {
+        "rejects_by_reason": tally(rejects.column("reason").to_numpy(zero_copy_only=False)),
+        "buckets": tally(buckets),
+        "cold_holdout_items": int(cold.sum()),
+        "train_items": int((counts > 0).sum()),
+        "cocliks_heldout": int((pairs["split"] == "heldout").sum()),
+        "items_with_title": int(items.num_rows - items.column("title").null_count),
+        "items_with_categories": int(items.num_rows - items.column("categories").null_count),
+        "items_with_brand": int(items.num_rows - items.column("brand").null_count),
+    }
+    return rows, metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# reading and vocabularies
+
+
+def _dataset(source: RawSource) -> Any:
+    import ray
+
+    if isinstance(source.interactions, pa.Table):
+        table = source.interactions
+        n_blocks = max(1, min(16, table.num_rows // 50_000))
+        return ray.data.from_arrow([table.slice(i * (table.num_rows // n_blocks + 1), table.num_rows // n_blocks + 1)
+                                    for i in range(n_blocks)])
+    if source.file_format == "csv":
+        return ray.data.read_csv(source.interactions)
+    return ray.data.read_parquet(source.interactions)
+
+
+def _sorted_unique(arrays: list[pa.Array]) -> pa.Array:
+    arrays = [a for a in arrays if len(a)]
+    if not arrays:
+        return pa.array([], pa.int64())
+    types = {a.type for a in arrays}
+    if len(types) > 1 and not all(pa.types.is_integer(t) for t in types):
+        raise DataError(f"item/user ids mix types {sorted(map(str, types))}: ids in the interactions and the "
+                        "items table must be all integers or all strings")
+    if all(pa.types.is_integer(t) for t in types):
+        arrays = [a.cast(pa.int64()) for a in arrays]
+    merged = pc.unique(pa.chunked_array(arrays).combine_chunks()).drop_null()
+    return merged.take(pc.sort_indices(merged))
+
+
+def _vocabularies(ds: Any, source: RawSource) -> tuple[pa.Array, pa.Array]:
+    """Sorted distinct user and item source ids (items: interactions ∪ items table)."""
+    user_parts, item_parts = [], []
+    if isinstance(source.interactions, pa.Table):
+        batches = [source.interactions]
+    else:
+        batches = ds.select_columns(["user_id", "item_id"]).iter_batches(batch_size=1_000_000,
+                                                                        batch_format="pyarrow")
+    for batch in batches:
+        user_parts.append(pc.unique(batch.column("user_id").combine_chunks()))
+        item_parts.append(pc.unique(batch.column("item_id").combine_chunks()))
+    if source.items is not None:
+        item_parts.append(pc.unique(source.items.column("item_id").combine_chunks()))
+    return _sorted_unique(user_parts), _sorted_unique(item_parts)
+
+
+# ----------------------------------------------------------------------------------------------
+# per-row and per-partition UDFs
+
+_CACHE: dict[str, Any] = {}
+_REJECT_COLS = ["src_user", "src_item", "src_order", "reason"]
+_SPLIT_CODE = {name: code for name, code in OFFICIAL_CODES.items()}
+
+
+def _get(ref: Any) -> Any:
+    """ray.get with a per-process cache: each worker fetches the vocabularies once."""
+    import ray
+
+    key = ref.hex()
+    if key not in _CACHE:
+        _CACHE.clear()
+        _CACHE[key] = ray.get(ref)
+    return _CACHE[key]
+
+
+def _index_of(values: pa.Array, vocab: pa.Array) -> np.ndarray:
+    if pa.types.is_integer(vocab.type) or len(vocab) == 0:
+        v = values.cast(pa.int64()).to_numpy(zero_copy_only=False)
+        voc = vocab.to_numpy(zero_copy_only=False)
+        return np.searchsorted(voc, v).astype(np.int64)
+    return pc.index_in(values.cast(vocab.type), value_set=vocab).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def _order_values(col: pa.ChunkedArray | pa.Array) -> pa.Array:
+    col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    if pa.types.is_timestamp(col.type):
+        return col.cast(pa.int64())
+    return col
+
+
+class _MapIds:
+    """Row validation and re-indexing; emits either the good rows or the rejected ones."""
+
+    def __init__(self, refs: dict[str, Any], order: str, official: bool, rejects: bool) -> None:
+        self.refs, self.order, self.official, self.rejects = refs, order, official, rejects
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        for name in ("user_id", "item_id", self.order):
+            if name not in batch.column_names:
+                raise DataError(f"interactions: missing column {name!r}; columns present: {batch.column_names}")
+        user = batch.column("user_id").combine_chunks()
+        item = batch.column("item_id").combine_chunks()
+        order = _order_values(batch.column(self.order))
+        reason = np.full(batch.num_rows, None, dtype=object)
+        for name, col in ((self.order, order), ("item_id", item), ("user_id", user)):
+            reason[pc.is_null(col).to_numpy(zero_copy_only=False)] = f"null_{name}"
+        if pa.types.is_floating(order.type):
+            reason[~np.isfinite(order.fill_null(0).to_numpy(zero_copy_only=False))] = f"bad_{self.order}"
+        bad = np.array([r is not None for r in reason], dtype=bool)
+        if self.rejects:
+            sel = np.flatnonzero(bad)
+            return pa.table({
+                "src_user": user.take(sel).cast(pa.string()), "src_item": item.take(sel).cast(pa.string()),
+                "src_order": order.take(sel).cast(pa.string()), "reason": pa.array(reason[sel], pa.string()),
+            })
+        good = np.flatnonzero(~bad)
+        cols = {
+            "user_id": _index_of(user.take(good), _get(self.refs["users"])),
+            "item_id": _index_of(item.take(good), _get(self.refs["items"])),
+            "order": order.take(good).cast(pa.float64()).to_numpy(zero_copy_only=False)
+            if pa.types.is_floating(order.type) else order.take(good).cast(pa.int64()).to_numpy(zero_copy_only=False),
+            "src_user": user.take(good).cast(pa.string()),
+            "src_item": item.take(good).cast(pa.string()),
+        }
+        if self.official:
+            split = batch.column("split").combine_chunks().take(good).to_numpy(zero_copy_only=False)
+            cols["split_code"] = np.array([_SPLIT_CODE.get(s, -1) for s in split], dtype=np.int8)
+        return pa.table(cols)
+
+
+class _PerUser:
+    """One hash partition of whole users → interactions, rejects, train counts and co-click pairs."""
+
+    def __init__(self, refs: dict[str, Any], min_seq_len: int, official: bool, window: int) -> None:
+        self.refs, self.min_seq_len, self.official, self.window = refs, min_seq_len, official, window
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        user = batch.column("user_id").to_numpy()
+        item = batch.column("item_id").to_numpy()
+        order = batch.column("order").to_numpy()
+        official = batch.column("split_code").to_numpy() if self.official else None
+        res = order_and_split(user, item, order, self.min_seq_len, cold_items=_get(self.refs["cold"]),
+                              official_split=official)
+        parts = [_kind_table("interaction", {
+            "user_id": res.user, "item_id": res.item, "position": res.position,
+            "split": SPLIT_NAMES[res.split],
+        })]
+        for index, why in ((res.dup_index, "duplicate_interaction"), (res.short_index, "short_sequence")):
+            if len(index):
+                parts.append(_kind_table("reject", {
+                    "src_user": batch.column("src_user").take(index), "src_item": batch.column("src_item").take(index),
+                    "src_order": pa.array(order[index]).cast(pa.string()), "reason": np.full(len(index), why),
+                }))
+        train = res.split == TRAIN
+        ids, n = np.unique(res.item[train], return_counts=True)
+        parts.append(_kind_table("count", {"item_id": ids, "count": n}))
+        a, b, c = coclick_counts(res.user[train], res.item[train], self.window)
+        parts.append(_kind_table("pair", {"item_id": a, "item_b": b, "count": c}))
+        return pa.concat_tables(parts)
+
+
+_KIND_SCHEMA = pa.schema([
+    ("kind", pa.string()), ("user_id", pa.int64()), ("item_id", pa.int64()), ("position", pa.int64()),
+    ("split", pa.string()), ("item_b", pa.int64()), ("count", pa.int64()),
+    ("src_user", pa.string()), ("src_item", pa.string()), ("src_order", pa.string()), ("reason", pa.string()),
+])
+
+
+def _kind_table(kind: str, cols: dict[str, Any]) -> pa.Table:
+    n = len(next(iter(cols.values())))
+    arrays = []
+    for f in _KIND_SCHEMA:
+        if f.name == "kind":
+            arrays.append(pa.array(np.full(n, kind), pa.string()))
+        elif f.name in cols:
+            arrays.append(pa.array(cols[f.name]).cast(f.type))
+        else:
+            arrays.append(pa.nulls(n, f.type))
+    return pa.Table.from_arrays(arrays, schema=_KIND_SCHEMA)
+
+
+def _of_kind(ds: Any, kind: str, columns: list[str]) -> Any:
+    def select(batch: pa.Table) -> pa.Table:
+        mask = pc.equal(batch.column("kind"), kind)
+        return batch.filter(mask).select(columns)
+
+    return ds.map_batches(select, batch_format="pyarrow", batch_size=None)
+
+
+def _collect(ds: Any) -> pa.Table:
+    import ray
+
+    tables = [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
+    if not tables:
+        return pa.table({c: pa.array([], pa.string()) for c in _REJECT_COLS})
+    return pa.concat_tables(tables)
+
+
+def _to_rejects(t: pa.Table) -> pa.Table:
+    n = t.num_rows
+    return pa.table({
+        "source": pa.array(np.full(n, "interactions"), pa.string()),
+        "user_id": t.column("src_user").cast(pa.string()), "item_id": t.column("src_item").cast(pa.string()),
+        "order": t.column("src_order").cast(pa.string()), "reason": t.column("reason").cast(pa.string()),
+    }, schema=REJECTS)
+
+
+# ----------------------------------------------------------------------------------------------
+# co-click pairs and items
+
+
+class _SumPairs:
+    """After a shuffle by item_a, each partition holds every partial count of its pairs: sum and filter."""
+
+    def __init__(self, min_count: int) -> None:
+        self.min_count = min_count
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        a, b, c = sum_pairs(batch["item_id"], batch["item_b"], batch["count"])
+        keep = c >= self.min_count
+        return {"item_id": a[keep], "item_b": b[keep], "count": c[keep]}
+
+
+def _coclicks(pair_ds: Any, counts: np.ndarray, cfg: Config) -> dict[str, np.ndarray]:
+    cc = cfg.prepare.coclick
+    summed = pair_ds.repartition(cfg.prepare.num_partitions, keys=["item_id"]).map_batches(
+        _SumPairs(cc.min_count), batch_size=None, batch_format="numpy")
+    parts = [b for b in summed.iter_batches(batch_size=None, batch_format="numpy") if len(b["item_id"])]
+    if parts:
+        # a second merge is a no-op when each partition arrived whole (it does); it keeps sums exact if not
+        a, b, c = sum_pairs(*(np.concatenate([p[k] for p in parts]) for k in ("item_id", "item_b", "count")))
+    else:
+        a = b = c = np.zeros(0, dtype=np.int64)
+    return finalize_coclicks(a, b, c, counts, min_count=cc.min_count, pop_alpha=cc.pop_alpha,
+                             max_per_item=cc.max_per_item, holdout_fraction=cc.holdout_fraction, seed=cfg.seed)
+
+
+def _items_output(items: pa.Array, raw_items: pa.Table | None) -> tuple[pa.Table, pa.Table]:
+    """Items in id order with their content; duplicate or null item ids in the items table → rejects."""
+    n = len(items)
+    base = pa.table({"item_id": pa.array(np.arange(n, dtype=np.int64)), "source_id": items})
+    empty_rejects = REJECTS.empty_table()
+    if raw_items is None:
+        from sidforge.platform.schemas import ITEM_CONTENT
+
+        for f in ITEM_CONTENT:
+            base = base.append_column(f.name, pa.nulls(n, f.type))
+        return base, empty_rejects
+    raw_ids = raw_items.column("item_id").combine_chunks()
+    null = pc.is_null(raw_ids).to_numpy(zero_copy_only=False)
+    idx = np.full(len(raw_ids), -1, dtype=np.int64)
+    valid = np.flatnonzero(~null)
+    idx[valid] = _index_of(raw_ids.take(valid), items)
+    first = np.zeros(len(idx), dtype=bool)
+    _, first_pos = np.unique(idx, return_index=True)
+    first[first_pos] = True
+    keep = first & ~null
+    bad = np.flatnonzero(~keep)
+    rejects = pa.table({
+        "source": pa.array(np.full(len(bad), "items"), pa.string()),
+        "user_id": pa.nulls(len(bad), pa.string()),
+        "item_id": raw_ids.take(bad).cast(pa.string()),
+        "order": pa.nulls(len(bad), pa.string()),
+        "reason": pa.array(np.where(null[bad], "null_item_id", "duplicate_item_id"), pa.string()),
+    }, schema=REJECTS)
+    # scatter the kept rows into item-id order
+    target = np.full(n, -1, dtype=np.int64)
+    target[idx[keep]] = np.flatnonzero(keep)
+    content = raw_items.drop_columns(["item_id"])
+    taken = content.take(pa.array(target, mask=target < 0))
+    for name in taken.column_names:
+        base = base.append_column(name, taken.column(name))
+    return base, rejects
