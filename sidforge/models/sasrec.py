@@ -120,7 +120,9 @@ def sample_negatives(targets: Tensor, num_items: int, generator: torch.Generator
         to the target.
     """
     if num_items < 2:
-        raise ValueError(f"num_items={num_items}: need at least 2 items to draw a negative different from the target")
+        raise ValueError(
+            f"num_items={num_items}: need at least 2 items to draw a negative different from the target"
+        )
     device = generator.device if generator is not None else targets.device
     # Draw among num_items - 1 values and skip over the target: uniform over the other items.
     r = torch.randint(0, num_items - 1, targets.shape, generator=generator, device=device)
@@ -285,7 +287,12 @@ class SASRec(nn.Module):
         nh = self.config.num_heads
         if attn_bias.dim() == 3:
             attn_bias = attn_bias.unsqueeze(1)  # (B, 1, T, T)
-        if attn_bias.dim() != 4 or attn_bias.shape[0] != B or attn_bias.shape[1] not in (1, nh) or attn_bias.shape[2:] != (T, T):
+        if (
+            attn_bias.dim() != 4
+            or attn_bias.shape[0] != B
+            or attn_bias.shape[1] not in (1, nh)
+            or attn_bias.shape[2:] != (T, T)
+        ):
             raise ValueError(
                 f"attn_bias must have shape (B, T, T) = ({B}, {T}, {T}) or (B, nh, T, T) = "
                 f"({B}, {nh}, {T}, {T}), got {tuple(attn_bias.shape)}"
@@ -375,4 +382,3 @@ class SASRec(nn.Module):
             wins = ((pos_logit > neg_logit) & valid).sum()
         metrics = {"num_targets": num_targets, "pairwise_acc": wins.to(hidden.dtype) / denom}
         return SASRecOutput(loss=loss, metrics=metrics)
-

@@ -262,8 +262,8 @@ def _read_index(path: Path) -> dict[str, int]:
 def _recbole_sequences(folder: Path, stem: str) -> tuple[dict[int, list[int]], list[Path]]:
     """Rebuild each user's full chronological sequence from RecBole's train/valid/test rows.
 
-    Train rows hold every prefix (history → next item); the shortest history plus the train targets
-    in order of history length, then the valid and test targets, give the whole sequence.
+    Train rows hold every prefix (history → next item), valid and test rows the last two; the
+    shortest history plus every row's target, chained by :func:`_chain_rows`, give the sequence.
     """
     def to_int(path: Path, lineno: int, field_name: str, tok: str) -> int:
         if not tok.isdigit():
@@ -278,18 +278,36 @@ def _recbole_sequences(folder: Path, stem: str) -> tuple[dict[int, list[int]], l
             user = to_int(path, lineno, "user_id", row[0])
             hist = [to_int(path, lineno, "item_id_list", t) for t in row[1].split()]
             target = to_int(path, lineno, "item_id", row[2])
-            if part == "train":
-                per_user.setdefault(user, []).append((hist, target))
-            else:
+            per_user.setdefault(user, []).append((hist, target))
+            if part != "train":
                 last[part][user] = target
     seqs = {}
     for user in last["test"]:
         if user not in last["valid"]:
             raise DataError(f"{paths[2]}: user index {user} has a test row but no valid row in {paths[1].name}")
-        rows = sorted(per_user.get(user, []), key=lambda r: len(r[0]))
-        seq = (rows[0][0] + [t for _, t in rows]) if rows else []
-        seqs[user] = seq + [last["valid"][user], last["test"][user]]
+        seqs[user] = _chain_rows(per_user[user], f"{paths[0].name}/valid/test: user index {user}")
     return seqs, paths
+
+
+def _chain_rows(rows: list[tuple[list[int], int]], where: str) -> list[int]:
+    """Order one user's (history, target) rows into their sequence.
+
+    Histories are cut to their last items (RecBole's MAX_ITEM_LIST_LENGTH, 50 for UniSRec's files), so
+    rows of a long user share one history length and length alone cannot order them: each step
+    appends the target of the row whose history is the end of the sequence built so far.
+    """
+    longest = max(len(h) for h, _ in rows)
+    targets: dict[tuple[int, ...], list[int]] = {}
+    for hist, target in rows:
+        targets.setdefault(tuple(hist), []).append(target)
+    seq = list(min(rows, key=lambda r: len(r[0]))[0])
+    for _ in rows:
+        nxt = targets.get(tuple(seq[-longest:]))
+        if not nxt:
+            raise DataError(f"{where}: no row continues the history {seq[-longest:]}; "
+                            f"the rows do not chain into one sequence")
+        seq.append(nxt.pop())  # rows are newest first, so a repeated history's oldest target is last
+    return seq
 
 
 def load_recbole(folder: Path, with_features: bool = False) -> RawSource:
@@ -416,7 +434,8 @@ def load_table(interactions: Path, items: Path | None) -> RawSource:
         tables = []
         for f in item_files:
             _check_columns(f, _schema_of(f, item_fmt), {"item_id": _is_id}, {"item_id": "int or string"})
-            tables.append(pq.read_table(f) if item_fmt == "parquet" else pacsv.read_csv(f))
+            tables.append(pq.read_table(f) if item_fmt == "parquet" else pacsv.read_csv(
+                f, convert_options=pacsv.ConvertOptions(strings_can_be_null=True)))
         item_table = normalise_items(pa.concat_tables(tables, promote_options="default"), item_files[0])
     return RawSource(interactions=[str(f) for f in files], items=item_table, files=all_files,
                      order=order or "position", file_format=fmt, info={"format": "table"})

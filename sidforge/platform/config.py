@@ -226,7 +226,7 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
     if unknown:
         where = f"{path}." if path else ""
         raise ConfigError(
-            f"unknown config key {where}{unknown[0]!r}; valid keys here: {', '.join(sorted(fields))}"
+            f"unknown config key {where + unknown[0]!r}; valid keys here: {', '.join(sorted(fields))}"
         )
     kwargs = {}
     for name, value in data.items():

@@ -50,12 +50,14 @@ def order_and_split(
     Returns:
         A :class:`UserBatch`; ``dup_index``/``short_index`` point at rows set aside.
     """
-    idx = np.lexsort((order, user))  # stable: by user, then order, then input position
+    # exact duplicates: same user, item and order value; sorting by item too makes them adjacent
+    # even among ties in order, and the stable sort keeps the first in input order
+    idx = np.lexsort((item, order, user))
     u, it, o = user[idx], item[idx], order[idx]
-    # exact duplicates: same user, item and order value as the previous row
     dup = np.zeros(len(u), dtype=bool)
     dup[1:] = (u[1:] == u[:-1]) & (it[1:] == it[:-1]) & (o[1:] == o[:-1])
     keep = idx[~dup]
+    keep = keep[np.lexsort((keep, order[keep], user[keep]))]  # by user, then order, then input position
     u, it = user[keep], item[keep]
 
     starts = np.flatnonzero(np.r_[True, u[1:] != u[:-1]]) if len(u) else np.zeros(0, dtype=np.int64)
@@ -138,7 +140,10 @@ def finalize_coclicks(
     fa = np.maximum(train_freq[a], 1).astype(np.float64)
     fb = np.maximum(train_freq[b], 1).astype(np.float64)
     weight = count / (fa * fb) ** pop_alpha
-    ok = _within_top(a, weight, max_per_item) & _within_top(b, weight, max_per_item)
+    # rank each item's pairs on both sides together, so an item's partners as a and as b share one cap
+    n = len(a)
+    top = _within_top(np.concatenate([a, b]), np.concatenate([weight, weight]), max_per_item)
+    ok = top[:n] & top[n:]
     a, b, count, weight = a[ok], b[ok], count[ok], weight[ok]
     h = _mix(a.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) ^ b.astype(np.uint64) ^ np.uint64(seed))
     heldout = (h % np.uint64(1_000_000)).astype(np.float64) < holdout_fraction * 1_000_000

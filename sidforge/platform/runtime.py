@@ -85,6 +85,10 @@ def configure_data_context(shuffle_partitions: int | None = None) -> None:
 
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = os.environ.get("RAY_DATA_DISABLE_PROGRESS_BARS", "1") != "1"
+    ctx.print_on_execution_start = False
+    ctx.enable_auto_log_stats = False
+    for name in ("ray.data", "ray.train", "ray.tune", "ray.serve"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     cpus = int(ray.cluster_resources().get("CPU", 2)) if ray.is_initialized() else 2
     ctx.default_hash_shuffle_parallelism = shuffle_partitions or max(4, 2 * cpus)
     ctx.read_op_min_num_blocks = max(4, 2 * cpus)

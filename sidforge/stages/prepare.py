@@ -215,7 +215,10 @@ def _dataset(source: RawSource) -> Any:
         return ray.data.from_arrow([table.slice(i * (table.num_rows // n_blocks + 1), table.num_rows // n_blocks + 1)
                                     for i in range(n_blocks)])
     if source.file_format == "csv":
-        return ray.data.read_csv(source.interactions)
+        from pyarrow import csv as pacsv
+
+        return ray.data.read_csv(source.interactions,
+                                 convert_options=pacsv.ConvertOptions(strings_can_be_null=True))
     return ray.data.read_parquet(source.interactions)
 
 
