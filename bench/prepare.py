@@ -310,13 +310,50 @@ def count_rows(folder: Path) -> int:
 def _spilled_mib() -> float | None:
     """Object-store bytes spilled to disk so far in this cluster (None if unavailable)."""
     try:
+        import ray
         from ray._private.internal_api import memory_summary
 
-        text = memory_summary(stats_only=True)
+        text = memory_summary(address=ray.get_runtime_context().gcs_address, stats_only=True)
     except Exception:  # noqa: BLE001 - diagnostics only
         return None
     m = re.search(r"Spilled (\d+) MiB", text)
     return float(m.group(1)) if m else 0.0
+
+
+# driver-side functions of the stage whose wall time is recorded (wrapped in the driver only; Ray
+# workers import the module afresh, so the UDFs run unwrapped)
+PROFILED = ("load_source", "_input_fingerprints", "_vocabularies", "_coclicks", "sum_pairs", "finalize_coclicks",
+            "_items_output", "_collect", "_summary", "fingerprint_tree")
+
+
+@contextmanager
+def profile_stage(names: tuple[str, ...] = PROFILED) -> Iterator[dict[str, float]]:
+    """Temporarily wrap functions of ``sidforge.stages.prepare`` to sum their wall time."""
+    import functools
+
+    from sidforge.stages import prepare
+
+    times: dict[str, float] = {}
+    originals = {n: getattr(prepare, n) for n in names}
+
+    def wrap(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                times[name] = round(times.get(name, 0.0) + time.perf_counter() - t0, 3)
+
+        return timed
+
+    for name, fn in originals.items():
+        setattr(prepare, name, wrap(name, fn))
+    try:
+        yield times
+    finally:
+        for name, fn in originals.items():
+            setattr(prepare, name, fn)
 
 
 def run_ray_case(case: Case, cfg: Any, data_dir: Path, repeats: int, capture: DataLogCapture) -> None:
@@ -328,7 +365,7 @@ def run_ray_case(case: Case, cfg: Any, data_dir: Path, repeats: int, capture: Da
         capture.datasets = []
         spilled0 = _spilled_mib()
         load0 = os.getloadavg()[0]
-        with Sampler() as mem:
+        with profile_stage() as driver_times, Sampler() as mem:
             t0 = time.perf_counter()
             res = prepare.run(cfg, RunDir(cfg.run_dir), data_dir, force=True)
             wall = time.perf_counter() - t0
@@ -336,7 +373,7 @@ def run_ray_case(case: Case, cfg: Any, data_dir: Path, repeats: int, capture: Da
         steps = list(capture.datasets)
         extra = {"loadavg_before": round(load0, 2), "loadavg_after": round(os.getloadavg()[0], 2),
                  "spilled_mib": None if spilled0 is None or spilled1 is None else spilled1 - spilled0,
-                 "ray_data_s": round(sum(s["wall_s"] for s in steps), 2)}
+                 "ray_data_s": round(sum(s["wall_s"] for s in steps), 2), "stage_functions_s": driver_times}
         case.runs.append(Run(wall, mem.peaks, dict(res.rows), steps, extra))
         log.info("%s run %d/%d: %.1f s, +%.2f GB system, %.2f GB tree RSS", case.name, i + 1, repeats, wall,
                  mem.peaks.system_peak_delta_gb, mem.peaks.tree_rss_peak_gb)
@@ -568,6 +605,9 @@ def format_steps(case: Case) -> str:
     run = case.runs[0]
     total = f", Ray Data total {run.extra['ray_data_s']} s" if "ray_data_s" in run.extra else ""
     lines = [f"{case.name} (run 1: {run.wall_s:.1f} s wall{total})"]
+    if funcs := run.extra.get("stage_functions_s"):
+        lines.append("  stage functions (driver, cumulative, nested): "
+                     + ", ".join(f"{k} {v:.1f}s" for k, v in funcs.items()))
     for s in run.steps:
         if "phase" in s:
             lines.append(f"  {s['wall_s']:7.2f} s  {s['phase']}")

@@ -178,8 +178,11 @@ def _split_attributes(names: list[list[str]]) -> tuple[list[list[str]], list[str
 
 def load_s3rec(folder: Path) -> RawSource:
     """Adapter for the S3-Rec/P5 format (e.g. amazon-beauty-2014)."""
-    seq_path = _find_one(folder, "*.txt", "S3-Rec sequence file") if not (folder / "S3Rec_Beauty.txt").exists() \
-        else folder / "S3Rec_Beauty.txt"
+    candidates = sorted(p for p in folder.glob("*.txt") if p.is_file() and not p.name.upper().startswith("LICENSE"))
+    if len(candidates) != 1:
+        raise DataError(f"{folder}: expected exactly one S3-Rec sequence file (*.txt other than LICENSE*), "
+                        f"found {[p.name for p in candidates]}")
+    seq_path = _require(candidates[0], "S3-Rec sequence file")
     inter = read_sequence_file(seq_path)
     datamaps_path = _require(folder / "datamaps.json", "P5 datamaps.json")
     datamaps = _load_json(datamaps_path)
