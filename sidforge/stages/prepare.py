@@ -136,52 +136,94 @@ def _prepare(cfg: Config, source: RawSource, out: Path) -> tuple[dict[str, int],
     cold = choose_cold_items(num_items, pcfg.cold_item_fraction, cfg.seed)
     refs = {"users": ray.put(users), "items": ray.put(items), "cold": ray.put(cold)}
 
-    row_rejects = ds.map_batches(_MapIds(refs, source.order, official, rejects=True), batch_format="pyarrow")
+    # one pass: validate + re-index, shuffle by user, per-partition split/stats/pairs; rows that fail
+    # validation travel with user_id -1 and come out of the per-user step as rejects
     per_user = (
-        ds.map_batches(_MapIds(refs, source.order, official, rejects=False), batch_format="pyarrow")
+        ds.map_batches(_MapIds(refs, source.order, official), batch_format="pyarrow")
         .repartition(pcfg.num_partitions, keys=["user_id"])
         .map_batches(_PerUser(refs, pcfg.min_seq_len, official, pcfg.coclick.window), batch_size=None,
                      batch_format="pyarrow")
         .materialize()
     )
-    _of_kind(per_user, "interaction", ["user_id", "item_id", "position", "split"]).write_parquet(
+    _of_kind(per_user, ["interaction"], ["user_id", "item_id", "position", "split"]).write_parquet(
         str(out / "interactions"))
+    side = _side_outputs(per_user, num_items, pcfg.driver_merge_rows)
 
-    counts = np.zeros(num_items, dtype=np.int64)
-    for batch in _of_kind(per_user, "count", ["item_id", "count"]).iter_batches(batch_size=None,
-                                                                                  batch_format="numpy"):
-        np.add.at(counts, batch["item_id"], batch["count"])
-    buckets = popularity_buckets(counts)
-    pq.write_table(pa.table({"item_id": np.arange(num_items, dtype=np.int64), "train_count": counts,
+    buckets = popularity_buckets(side.counts)
+    pq.write_table(pa.table({"item_id": np.arange(num_items, dtype=np.int64), "train_count": side.counts,
                              "bucket": buckets, "cold_holdout": cold}, schema=ITEM_STATS),
                    out / "item_stats.parquet")
-
-    pairs = _coclicks(_of_kind(per_user, "pair", ["item_id", "item_b", "count"]), counts, cfg)
+    pairs = _coclicks(side.pairs, per_user, side.counts, cfg)
     pq.write_table(pa.table(pairs, schema=COCLICKS), out / "cocliks.parquet")
 
     item_table, item_rejects = _items_output(items, source.items)
     pq.write_table(item_table, out / "items.parquet")
     pq.write_table(pa.table({"user_id": np.arange(len(users), dtype=np.int64), "source_id": users}),
                    out / "users.parquet")
-    rejects = pa.concat_tables(
-        [_to_rejects(t) for t in (_collect(row_rejects), _collect(_of_kind(per_user, "reject", _REJECT_COLS)))]
-        + [item_rejects]
-    )
+    rejects = pa.concat_tables([_to_rejects(side.rejects), item_rejects])
     pq.write_table(rejects, out / "rejects.parquet")
-    return _summary(out, len(users), num_items, counts, buckets, cold, pairs, rejects, item_table)
+    return _summary(side, len(users), num_items, buckets, cold, pairs, rejects, item_table)
 
 
-def _summary(out: Path, num_users: int, num_items: int, counts: np.ndarray, buckets: np.ndarray,
-             cold: np.ndarray, pairs: dict[str, np.ndarray], rejects: pa.Table, items: pa.Table
+@dataclass
+class _Side:
+    counts: np.ndarray  # (num_items,) train counts
+    pairs: tuple[np.ndarray, np.ndarray, np.ndarray] | None  # partial co-click counts, None when too many
+    pair_rows: int
+    rejects: pa.Table
+    splits: dict[str, int]
+
+
+def _side_outputs(per_user: Any, num_items: int, max_pair_rows: int) -> _Side:
+    """Everything but the interactions, gathered in one pass: counts, partial pairs, rejects, split sizes.
+
+    Partial pair counts are kept only while they fit in ``max_pair_rows`` rows; past that they are
+    dropped here (``pairs`` is None) and summed on the cluster instead.
+    """
+    counts = np.zeros(num_items, dtype=np.int64)
+    pa_, pb, pcnt, rejects = [], [], [], []
+    splits: dict[str, int] = {}
+    pair_rows = 0
+    cols = ["kind", "item_id", "item_b", "count", "split", *_REJECT_COLS]
+    for batch in _of_kind(per_user, ["count", "pair", "reject", "split_count"], cols).iter_batches(
+            batch_size=None, batch_format="pyarrow"):
+        kind = batch.column("kind").to_numpy(zero_copy_only=False)
+        for name, sel in (("count", kind == "count"), ("pair", kind == "pair"), ("reject", kind == "reject"),
+                          ("split_count", kind == "split_count")):
+            if not sel.any():
+                continue
+            part = batch.filter(pa.array(sel))
+            if name == "count":
+                np.add.at(counts, part.column("item_id").to_numpy(), part.column("count").to_numpy())
+            elif name == "pair":
+                pair_rows += part.num_rows
+                if pair_rows > max_pair_rows:
+                    pa_, pb, pcnt = [], [], []
+                    continue
+                pa_.append(part.column("item_id").to_numpy())
+                pb.append(part.column("item_b").to_numpy())
+                pcnt.append(part.column("count").to_numpy())
+            elif name == "reject":
+                rejects.append(part.select(_REJECT_COLS))
+            else:
+                for sp, c in zip(part.column("split").to_pylist(), part.column("count").to_pylist()):
+                    splits[sp] = splits.get(sp, 0) + int(c)
+    empty = np.zeros(0, dtype=np.int64)
+    pairs = tuple(np.concatenate(x) if x else empty for x in (pa_, pb, pcnt)) if pair_rows <= max_pair_rows else None
+    reject_table = pa.concat_tables(rejects) if rejects else pa.table(
+        {c: pa.array([], pa.string()) for c in _REJECT_COLS})
+    return _Side(counts, pairs, pair_rows, reject_table, splits)
+
+
+def _summary(side: _Side, num_users: int, num_items: int, buckets: np.ndarray, cold: np.ndarray,
+             pairs: dict[str, np.ndarray], rejects: pa.Table, items: pa.Table
              ) -> tuple[dict[str, int], dict[str, Any]]:
-    inter = pq.read_table(out / "interactions", columns=["user_id", "split"])
-    splits = inter.column("split").to_numpy(zero_copy_only=False)
     rows = {
-        "users": len(pc.unique(inter.column("user_id"))),
+        "users": side.splits.get("test", 0),  # every kept user has exactly one test interaction
         "users_seen": num_users,
         "items": num_items,
-        "interactions": inter.num_rows,
-        **{f"split_{k}": int(v) for k, v in zip(*np.unique(splits, return_counts=True))},
+        "interactions": sum(side.splits.values()),
+        **{f"split_{k}": v for k, v in sorted(side.splits.items())},
         "cocliks": len(pairs["item_a"]),
         "rejects": rejects.num_rows,
     }
@@ -193,7 +235,7 @@ def _summary(out: Path, num_users: int, num_items: int, counts: np.ndarray, buck
         "rejects_by_reason": tally(rejects.column("reason").to_numpy(zero_copy_only=False)),
         "buckets": tally(buckets),
         "cold_holdout_items": int(cold.sum()),
-        "train_items": int((counts > 0).sum()),
+        "train_items": int((side.counts > 0).sum()),
         "cocliks_heldout": int((pairs["split"] == "heldout").sum()),
         "items_with_title": int(items.num_rows - items.column("title").null_count),
         "items_with_categories": int(items.num_rows - items.column("categories").null_count),
@@ -287,10 +329,10 @@ def _order_values(col: pa.ChunkedArray | pa.Array) -> pa.Array:
 
 
 class _MapIds:
-    """Row validation and re-indexing; emits either the good rows or the rejected ones."""
+    """Row validation and re-indexing; invalid rows keep user_id -1 and a ``reason``."""
 
-    def __init__(self, refs: dict[str, Any], order: str, official: bool, rejects: bool) -> None:
-        self.refs, self.order, self.official, self.rejects = refs, order, official, rejects
+    def __init__(self, refs: dict[str, Any], order: str, official: bool) -> None:
+        self.refs, self.order, self.official = refs, order, official
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         for name in ("user_id", "item_id", self.order):
@@ -305,23 +347,19 @@ class _MapIds:
         if pa.types.is_floating(order.type):
             reason[~np.isfinite(order.fill_null(0).to_numpy(zero_copy_only=False))] = f"bad_{self.order}"
         bad = np.array([r is not None for r in reason], dtype=bool)
-        if self.rejects:
-            sel = np.flatnonzero(bad)
-            return pa.table({
-                "src_user": user.take(sel).cast(pa.string()), "src_item": item.take(sel).cast(pa.string()),
-                "src_order": order.take(sel).cast(pa.string()), "reason": pa.array(reason[sel], pa.string()),
-            })
         good = np.flatnonzero(~bad)
+        user_id = np.full(batch.num_rows, -1, dtype=np.int64)
+        item_id = np.full(batch.num_rows, -1, dtype=np.int64)
+        user_id[good] = _index_of(user.take(good), _get(self.refs["users"]))
+        item_id[good] = _index_of(item.take(good), _get(self.refs["items"]))
+        order_num = order.cast(pa.float64()) if pa.types.is_floating(order.type) else order.cast(pa.int64())
         cols = {
-            "user_id": _index_of(user.take(good), _get(self.refs["users"])),
-            "item_id": _index_of(item.take(good), _get(self.refs["items"])),
-            "order": order.take(good).cast(pa.float64()).to_numpy(zero_copy_only=False)
-            if pa.types.is_floating(order.type) else order.take(good).cast(pa.int64()).to_numpy(zero_copy_only=False),
-            "src_user": user.take(good).cast(pa.string()),
-            "src_item": item.take(good).cast(pa.string()),
+            "user_id": user_id, "item_id": item_id, "order": order_num.fill_null(0),
+            "src_user": user.cast(pa.string()), "src_item": item.cast(pa.string()),
+            "reason": pa.array(reason, pa.string()),
         }
         if self.official:
-            split = batch.column("split").combine_chunks().take(good).to_numpy(zero_copy_only=False)
+            split = batch.column("split").combine_chunks().to_numpy(zero_copy_only=False)
             cols["split_code"] = np.array([_SPLIT_CODE.get(s, -1) for s in split], dtype=np.int8)
         return pa.table(cols)
 
@@ -333,16 +371,27 @@ class _PerUser:
         self.refs, self.min_seq_len, self.official, self.window = refs, min_seq_len, official, window
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        invalid = pc.is_valid(batch.column("reason")).to_numpy(zero_copy_only=False)
+        parts = []
+        if invalid.any():
+            bad = batch.filter(pa.array(invalid))
+            parts.append(_kind_table("reject", {
+                "src_user": bad.column("src_user"), "src_item": bad.column("src_item"),
+                "src_order": bad.column("order").cast(pa.string()), "reason": bad.column("reason"),
+            }))
+            batch = batch.filter(pa.array(~invalid))
         user = batch.column("user_id").to_numpy()
         item = batch.column("item_id").to_numpy()
         order = batch.column("order").to_numpy()
         official = batch.column("split_code").to_numpy() if self.official else None
         res = order_and_split(user, item, order, self.min_seq_len, cold_items=_get(self.refs["cold"]),
                               official_split=official)
-        parts = [_kind_table("interaction", {
-            "user_id": res.user, "item_id": res.item, "position": res.position,
-            "split": SPLIT_NAMES[res.split],
-        })]
+        split_names = SPLIT_NAMES[res.split]
+        parts.append(_kind_table("interaction", {
+            "user_id": res.user, "item_id": res.item, "position": res.position, "split": split_names,
+        }))
+        names, sizes = np.unique(split_names, return_counts=True)
+        parts.append(_kind_table("split_count", {"split": names, "count": sizes}))
         for index, why in ((res.dup_index, "duplicate_interaction"), (res.short_index, "short_sequence")):
             if len(index):
                 parts.append(_kind_table("reject", {
@@ -377,21 +426,12 @@ def _kind_table(kind: str, cols: dict[str, Any]) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=_KIND_SCHEMA)
 
 
-def _of_kind(ds: Any, kind: str, columns: list[str]) -> Any:
+def _of_kind(ds: Any, kinds: list[str], columns: list[str]) -> Any:
     def select(batch: pa.Table) -> pa.Table:
-        mask = pc.equal(batch.column("kind"), kind)
+        mask = pc.is_in(batch.column("kind"), value_set=pa.array(kinds))
         return batch.filter(mask).select(columns)
 
     return ds.map_batches(select, batch_format="pyarrow", batch_size=None)
-
-
-def _collect(ds: Any) -> pa.Table:
-    import ray
-
-    tables = [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
-    if not tables:
-        return pa.table({c: pa.array([], pa.string()) for c in _REJECT_COLS})
-    return pa.concat_tables(tables)
 
 
 def _to_rejects(t: pa.Table) -> pa.Table:
@@ -419,16 +459,25 @@ class _SumPairs:
         return {"item_id": a[keep], "item_b": b[keep], "count": c[keep]}
 
 
-def _coclicks(pair_ds: Any, counts: np.ndarray, cfg: Config) -> dict[str, np.ndarray]:
+def _coclicks(partial: tuple[np.ndarray, np.ndarray, np.ndarray] | None, per_user: Any, counts: np.ndarray,
+              cfg: Config) -> dict[str, np.ndarray]:
+    """Sum the per-partition pair counts, then filter, weight, cap and split them.
+
+    Partial counts up to ``prepare.driver_merge_rows`` rows are merged on the driver (one vectorised
+    sort); above that they are shuffled by item and summed on the cluster, so the driver only ever
+    holds pairs that pass ``min_count``.
+    """
     cc = cfg.prepare.coclick
-    summed = pair_ds.repartition(cfg.prepare.num_partitions, keys=["item_id"]).map_batches(
-        _SumPairs(cc.min_count), batch_size=None, batch_format="numpy")
-    parts = [b for b in summed.iter_batches(batch_size=None, batch_format="numpy") if len(b["item_id"])]
-    if parts:
-        # a second merge is a no-op when each partition arrived whole (it does); it keeps sums exact if not
-        a, b, c = sum_pairs(*(np.concatenate([p[k] for p in parts]) for k in ("item_id", "item_b", "count")))
+    if partial is not None:
+        a, b, c = sum_pairs(*partial)
     else:
-        a = b = c = np.zeros(0, dtype=np.int64)
+        summed = (_of_kind(per_user, ["pair"], ["item_id", "item_b", "count"])
+                  .repartition(cfg.prepare.num_partitions, keys=["item_id"])
+                  .map_batches(_SumPairs(cc.min_count), batch_size=None, batch_format="numpy"))
+        parts = [b for b in summed.iter_batches(batch_size=None, batch_format="numpy") if len(b["item_id"])]
+        empty = np.zeros(0, dtype=np.int64)
+        # each reduce partition holds every partial count of its pairs, so these sums are complete
+        a, b, c = (np.concatenate([p[k] for p in parts]) if parts else empty for k in ("item_id", "item_b", "count"))
     return finalize_coclicks(a, b, c, counts, min_count=cc.min_count, pop_alpha=cc.pop_alpha,
                              max_per_item=cc.max_per_item, holdout_fraction=cc.holdout_fraction, seed=cfg.seed)
 

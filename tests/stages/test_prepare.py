@@ -74,7 +74,8 @@ def test_valid_and_test_never_reach_cocliks_or_stats(ray_cluster, tiny_config, t
     path = tmp_path / "logs.parquet"
     df.to_parquet(path)
     cfg = tiny_config("data.source=table", f"data.interactions={path}", "prepare.cold_item_fraction=0.0",
-                      "prepare.coclick.min_count=1", "prepare.coclick.max_per_item=1000")
+                      "prepare.coclick.min_count=1", "prepare.coclick.max_per_item=1000",
+                      "prepare.driver_merge_rows=0")  # the cluster-side pair sums
     res = prepare.run(cfg, RunDir(cfg.run_dir), tmp_path)
     items = _read(res.out_dir, "items.parquet")
     stats = _read(res.out_dir, "item_stats.parquet").merge(items[["item_id", "source_id"]], on="item_id")
