@@ -96,13 +96,17 @@ def cmd_data(args: argparse.Namespace) -> int:
     data_dir = datasets.resolve_data_dir(args.data_dir)
     if args.data_command == "list":
         rows = [(b["name"], b["source"], "yes" if b["complete"] else ("partial" if b["present"] else "no"),
-                 b["description"]) for b in datasets.list_benchmarks(data_dir)]
+                 _clip(b["description"], 72)) for b in datasets.list_benchmarks(data_dir)]
         print(f"data directory: {data_dir}")
         print(format_table(rows, ("name", "format", "present", "what")))
         return 0
     path = datasets.pull(args.name, data_dir, mirror=args.mirror, force=args.force, progress=sys.stderr.isatty())
     print(f"{args.name}: complete at {path}")
     return 0
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def format_table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
