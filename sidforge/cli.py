@@ -39,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="validate, re-index, split; item stats and co-click pairs (Ray Data)")
     _add_common(p)
 
+    p = sub.add_parser("train", help="train a model stage on Ray Train (after prepare)")
+    p.add_argument("model", choices=["sasrec"], help="which trainer")
+    _add_common(p)
+
     p = sub.add_parser("config", help="print the resolved config as YAML")
     _add_common(p)
 
@@ -83,6 +87,28 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from sidforge.platform.artifacts import RunDir
+    from sidforge.platform.runtime import init_ray
+    from sidforge.stages import sasrec
+
+    cfg = _config(args)
+    if cfg.sasrec.num_workers > 0 or args.address:
+        init_ray(args.address)
+    result = sasrec.run(cfg, RunDir(cfg.run_dir), force=args.force)
+    status = "unchanged (skipped)" if result.skipped else f"trained in {result.wall_time_s:.1f} s"
+    print(f"train {args.model}: {status} -> {result.out_dir}")
+    test = result.metrics.get("test", {})
+    keys = [k for k in ("recall@5", "ndcg@5", "recall@10", "ndcg@10", "recall@20", "ndcg@20") if k in test]
+    rows = [("valid", *(f"{result.metrics.get('valid', {}).get(k, float('nan')):.4f}" for k in keys)),
+            ("test", *(f"{test[k]:.4f}" for k in keys))]
+    for bucket in ("head", "torso", "tail", "cold"):
+        if f"recall@10/{bucket}" in test:
+            rows.append((f"test/{bucket}", *(f"{test.get(f'{k}/{bucket}', float('nan')):.4f}" for k in keys)))
+    print(format_table(rows, ("split", *keys)))
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from sidforge.platform.config import dump_config
 
@@ -118,7 +144,7 @@ def format_table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str
     return "\n".join(lines)
 
 
-COMMANDS = {"prepare": cmd_prepare, "config": cmd_config, "data": cmd_data}
+COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "config": cmd_config, "data": cmd_data}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

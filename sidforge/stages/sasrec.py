@@ -1,0 +1,358 @@
+"""The SASRec stage: train the behavior model on Ray Train and export the item embeddings e_b.
+
+Reads ``RUN/prepare/`` (interactions, item_stats) and writes ``RUN/sasrec/``:
+
+- ``item_embeddings.parquet``: item_id, embedding (list<float32>, the behavior embedding e_b) and its
+  L2 norm, from the best epoch (by valid NDCG@10);
+- ``model.pt``: ``{"config": SASRecConfig fields, "state_dict": ...}`` of that epoch;
+- ``metrics.json``: best epoch, per-epoch history, and full-catalogue valid and test Recall/NDCG@K,
+  overall and per popularity bucket (head/torso/tail/cold) of the target item.
+
+Protocol (leave-one-out, one harness: :func:`sidforge.platform.metrics.retrieval_metrics`): training
+uses each user's ``train`` part with a next-item target at every position (the most recent
+``max_len + 1`` items); valid predicts the valid item from the train prefix; test predicts the test
+item from train + valid. Histories hold ``train`` (and ``valid``) interactions only: the ``heldout``
+interactions of cold items never reach the model. Candidates are the full catalogue; history items are
+kept unless ``sasrec.exclude_history`` (the published Beauty numbers keep them).
+
+Training checkpoints live in ``RUN/_train/sasrec-<config hash>-<inputs hash>/`` while the stage runs; a
+stage killed mid-training resumes from its last epoch when run again with the same config and inputs
+(``force`` starts over). They are deleted once the outputs are written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from sidforge.models.sasrec import SASRec, SASRecConfig
+from sidforge.platform.artifacts import RunDir, StageEntry, fingerprint_files, fingerprint_tree, now_iso
+from sidforge.platform.config import Config
+from sidforge.platform.metrics import metrics_from_ranks, target_ranks
+from sidforge.platform.schemas import DataError
+from sidforge.platform.training import (
+    FitResult,
+    RunSettings,
+    ScalingSettings,
+    WorkerContext,
+    fit,
+    load_state,
+    remove_run,
+    run_name,
+)
+
+log = logging.getLogger(__name__)
+
+STAGE = "sasrec"
+MONITOR = "valid/ndcg@10"
+ITEM_EMBEDDINGS = pa.schema([("item_id", pa.int64()), ("embedding", pa.list_(pa.float32())), ("norm", pa.float32())])
+
+
+@dataclass
+class SASRecResult:
+    out_dir: Path
+    skipped: bool
+    rows: dict[str, int]
+    metrics: dict[str, Any]
+    wall_time_s: float
+
+
+# ----------------------------------------------------------------------------------------------
+# entry point
+
+
+def run(cfg: Config, run_dir: RunDir, force: bool = False) -> SASRecResult:
+    """Train SASRec on ``RUN/prepare`` (or skip when config and inputs are unchanged); see the module doc."""
+    t0 = time.perf_counter()
+    config_hash = stage_config_hash(cfg)
+    inputs = _input_fingerprints(run_dir)
+    if not force and run_dir.is_current(STAGE, config_hash, inputs):
+        entry = run_dir.read_manifest().stages[STAGE]
+        log.info("sasrec: inputs and config unchanged, skipping (%s)", run_dir.stage_dir(STAGE))
+        return SASRecResult(run_dir.stage_dir(STAGE), True, entry.rows, entry.metrics, 0.0)
+    data = load_sequences(run_dir.stage_dir("prepare"), cfg.sasrec.max_len)
+    train_run = _run_settings(cfg, run_dir, config_hash, inputs)
+    config = loop_config(cfg, data)
+    result = fit(train_sasrec, config,
+                 ScalingSettings(cfg.sasrec.num_workers, cpus_per_worker=cfg.sasrec.cpus_per_worker),
+                 train_run, fresh=force)
+    with run_dir.writing(STAGE) as out:
+        metrics = _write_outputs(out, result, data, config["model"])
+    remove_run(train_run)
+    _remove_if_empty(train_run.path.parent)
+    rows = {"items": data.num_items, "train_sequences": len(data.train_inputs),
+            "valid_cases": len(data.valid_target), "test_cases": len(data.test_target)}
+    wall = time.perf_counter() - t0
+    final = run_dir.stage_dir(STAGE)
+    run_dir.record(STAGE, StageEntry(config_hash=config_hash, inputs=inputs, outputs=fingerprint_tree(final),
+                                     rows=rows, metrics=metrics, wall_time_s=round(wall, 3), finished_at=now_iso()))
+    log.info("sasrec: wrote %s in %.1f s (test recall@10 %.4f)", final, wall, metrics["test"].get("recall@10", 0.0))
+    return SASRecResult(final, False, rows, metrics, wall)
+
+
+_OPERATIONAL = ("cpus_per_worker", "max_failures")  # how a run is executed, not what it computes
+
+
+def stage_config_hash(cfg: Config) -> str:
+    """Hash of what the outputs depend on: the ``sasrec`` section (minus operational keys) and the seed."""
+    section = {k: v for k, v in dataclasses.asdict(cfg.sasrec).items() if k not in _OPERATIONAL}
+    payload = json.dumps({"sasrec": section, "seed": cfg.seed}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _input_fingerprints(run_dir: RunDir) -> dict[str, str]:
+    prep = run_dir.stage_dir("prepare")
+    inter = prep / "interactions"
+    if not inter.is_dir() or not (prep / "item_stats.parquet").is_file():
+        raise DataError(f"{prep} has no interactions/ or item_stats.parquet; run `sidforge prepare` first")
+    files = [p for p in inter.rglob("*") if p.is_file()] + [prep / "item_stats.parquet"]
+    return fingerprint_files(files, root=run_dir.path)
+
+
+def _run_settings(cfg: Config, run_dir: RunDir, config_hash: str, inputs: dict[str, str]) -> RunSettings:
+    # Named by config and inputs: an interrupted stage resumes, a changed one starts afresh.
+    inputs_hash = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+    return RunSettings(name=run_name(STAGE, config_hash, inputs_hash), storage_path=run_dir.path / "_train",
+                       max_failures=cfg.sasrec.max_failures, checkpoints_to_keep=2, monitor=MONITOR,
+                       mode="max", patience=cfg.sasrec.patience)
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:
+        pass  # other runs still hold checkpoints there
+
+
+# ----------------------------------------------------------------------------------------------
+# sequences
+
+
+@dataclass
+class Sequences:
+    """Left-padded (pad id = ``num_items``) training and evaluation arrays.
+
+    Attributes:
+        train_inputs, train_targets: (N, max_len) int64; the target of a position is the next item.
+        valid_hist, test_hist: (V, max_len) / (T, max_len) int64 histories.
+        valid_target, test_target: (V,) / (T,) int64 target items.
+        bucket: (num_items,) popularity bucket of each item (for per-bucket metrics).
+    """
+
+    num_items: int
+    train_inputs: np.ndarray
+    train_targets: np.ndarray
+    valid_hist: np.ndarray
+    valid_target: np.ndarray
+    test_hist: np.ndarray
+    test_target: np.ndarray
+    bucket: np.ndarray
+
+
+def _last_items(user: np.ndarray, item: np.ndarray, num_users: int, length: int, pad: int) -> np.ndarray:
+    """(num_users, length) matrix of each user's last ``length`` items, left-padded with ``pad``.
+
+    ``user``/``item`` must be sorted by user, then by order within the user.
+    """
+    counts = np.bincount(user, minlength=num_users)
+    end = np.cumsum(counts)  # exclusive end of each user's run
+    from_end = end[user] - np.arange(len(user)) - 1  # 0 = the user's most recent item
+    keep = from_end < length
+    out = np.full((num_users, length), pad, dtype=np.int64)
+    out[user[keep], length - 1 - from_end[keep]] = item[keep]
+    return out
+
+
+def build_sequences(interactions: pa.Table, bucket: np.ndarray, max_len: int) -> Sequences:
+    """Training and leave-one-out evaluation arrays from the prepared interactions.
+
+    Args:
+        interactions: user_id, item_id, position, split (train/valid/test/heldout).
+        bucket: (num_items,) popularity bucket per item.
+        max_len: history length (the most recent items are kept).
+    """
+    num_items = len(bucket)
+    pad = num_items
+    df = interactions.select(["user_id", "item_id", "position", "split"]).to_pandas()
+    df = df.sort_values(["user_id", "position"], kind="stable")
+    num_users = int(df["user_id"].max()) + 1 if len(df) else 0
+
+    def last(mask: np.ndarray, length: int) -> np.ndarray:
+        part = df[mask]
+        return _last_items(part["user_id"].to_numpy(), part["item_id"].to_numpy(), num_users, length, pad)
+
+    split = df["split"].to_numpy()
+    seq = last(split == "train", max_len + 1)
+    inputs, targets = seq[:, :-1].copy(), seq[:, 1:].copy()
+    targets[inputs == pad] = pad  # the first item of a sequence has nothing before it
+    has_target = (targets != pad).any(axis=1)
+
+    def cases(name: str, hist_splits: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+        rows = df[split == name]
+        users, target = rows["user_id"].to_numpy(), rows["item_id"].to_numpy()
+        return last(np.isin(split, hist_splits), max_len)[users], target
+
+    valid_hist, valid_target = cases("valid", ("train",))
+    test_hist, test_target = cases("test", ("train", "valid"))
+    return Sequences(num_items, inputs[has_target], targets[has_target], valid_hist, valid_target, test_hist,
+                     test_target, np.asarray(bucket).astype(str))
+
+
+def load_sequences(prepare_dir: Path, max_len: int) -> Sequences:
+    """:func:`build_sequences` over ``RUN/prepare``."""
+    inter = pq.read_table(prepare_dir / "interactions", columns=["user_id", "item_id", "position", "split"])
+    stats = pq.read_table(prepare_dir / "item_stats.parquet", columns=["item_id", "bucket"]).to_pandas()
+    bucket = stats.sort_values("item_id")["bucket"].to_numpy()
+    if not (stats["item_id"].sort_values().to_numpy() == np.arange(len(stats))).all():
+        raise DataError(f"{prepare_dir}/item_stats.parquet must list item ids 0..n-1 once each")
+    data = build_sequences(inter, bucket, max_len)
+    if len(data.train_inputs) == 0 or len(data.valid_target) == 0:
+        raise DataError(f"{prepare_dir}: no training sequences or no valid cases; check the prepare outputs")
+    return data
+
+
+# ----------------------------------------------------------------------------------------------
+# the per-worker training loop
+
+
+def loop_config(cfg: Config, data: Sequences) -> dict[str, Any]:
+    """What :func:`train_sasrec` receives: model fields, optimiser settings and the data."""
+    s = cfg.sasrec
+    model = SASRecConfig(num_items=data.num_items, max_len=s.max_len, hidden=s.hidden, num_layers=s.layers,
+                         num_heads=s.heads, ffn_hidden=s.ffn_hidden, dropout=s.dropout, loss=s.loss)
+    return {"model": dataclasses.asdict(model), "lr": s.lr, "weight_decay": s.weight_decay,
+            "batch_size": s.batch_size, "epochs": s.epochs, "eval_every": s.eval_every,
+            "exclude_history": s.exclude_history, "seed": cfg.seed if s.seed is None else s.seed, "data": data}
+
+
+def train_sasrec(ctx: WorkerContext, config: dict[str, Any]) -> dict[str, Any]:
+    """Per-worker loop: train, evaluate on valid, checkpoint each epoch; then score the best epoch."""
+    data: Sequences = config["data"]
+    torch.manual_seed(config["seed"])  # identical init on every rank
+    model = SASRec(SASRecConfig(**config["model"]))
+    if (state := ctx.load_checkpoint()) is not None:
+        model.load_state_dict(state["model"])
+    step = ctx.prepare_model(model, method="loss")
+    # After prepare_model: loading optimizer state casts it to the parameters' (final) device.
+    opt = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+    if state is not None:
+        opt.load_state_dict(state["opt"])
+    for epoch in ctx.epochs(config["epochs"]):
+        torch.manual_seed(config["seed"] + 7919 * epoch + ctx.rank)  # dropout/negatives: resumable, per rank
+        loss = _train_epoch(ctx, step, opt, data, config, epoch)
+        metrics: dict[str, Any] = {"loss": loss}
+        if (epoch + 1) % config["eval_every"] == 0 or epoch + 1 == config["epochs"]:
+            valid = evaluate(ctx, model, data.valid_hist, data.valid_target, config["exclude_history"])
+            metrics.update({f"valid/{k}": v for k, v in valid.items() if k != "count"})
+        ctx.report(epoch, metrics, lambda: {"model": model.state_dict(), "opt": opt.state_dict()})
+    in_sync = ctx.replicas_agree(model)  # before loading the best epoch, which every rank would share
+    best = ctx.load_best()
+    if best is None:
+        raise RuntimeError("sasrec: no checkpoint to evaluate; sasrec.epochs must be >= 1")
+    model.load_state_dict(best["model"])
+    ex = config["exclude_history"]
+    return {
+        "valid": evaluate(ctx, model, data.valid_hist, data.valid_target, ex, data.bucket[data.valid_target]),
+        "test": evaluate(ctx, model, data.test_hist, data.test_target, ex, data.bucket[data.test_target]),
+        "replicas_agree": in_sync,
+    }
+
+
+def _trimmed(arrays: list[np.ndarray], pad: int, device: torch.device) -> list[torch.Tensor]:
+    """Drop the leading columns that are padding in every row of the first array (left padding)."""
+    real = (arrays[0] != pad).any(axis=0)
+    first = int(real.argmax()) if real.any() else arrays[0].shape[1] - 1
+    return [torch.as_tensor(a[:, first:], device=device) for a in arrays]
+
+
+def _length_buckets(order: np.ndarray, inputs: np.ndarray, pad: int, batch_size: int, seed: int,
+                    window: int = 32) -> list[np.ndarray]:
+    """Batches of similar-length sequences, so little compute goes to padding.
+
+    Within windows of ``window`` batches of the (already shuffled) order, rows are sorted by length and
+    cut into batches; the batch order is then shuffled. Every rank gets the same number of batches.
+    """
+    lengths = (inputs[order] != pad).sum(axis=1)
+    batches = []
+    span = batch_size * window
+    for start in range(0, len(order), span):
+        chunk = order[start : start + span]
+        chunk = chunk[np.argsort(lengths[start : start + span], kind="stable")]
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    np.random.default_rng(seed).shuffle(batches)
+    return batches
+
+
+def _train_epoch(ctx: WorkerContext, step: torch.nn.Module, opt: torch.optim.Optimizer, data: Sequences,
+                 config: dict[str, Any], epoch: int) -> float:
+    """One pass over this rank's shard; returns the mean training loss (this rank's)."""
+    step.train()
+    order = ctx.shard(len(data.train_inputs), seed=config["seed"] + epoch)
+    bs, total, n = config["batch_size"], 0.0, 0
+    for rows in _length_buckets(order, data.train_inputs, data.num_items, bs, seed=config["seed"] + epoch):
+        inputs, targets = _trimmed([data.train_inputs[rows], data.train_targets[rows]], data.num_items, ctx.device)
+        out = step(inputs, targets)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        opt.step()
+        total, n = total + float(out.loss.detach()), n + 1
+    return total / max(n, 1)
+
+
+def evaluate(ctx: WorkerContext, model: SASRec, hist: np.ndarray, target: np.ndarray, exclude_history: bool,
+             groups: np.ndarray | None = None, chunk_size: int = 512) -> dict[str, float]:
+    """Full-catalogue Recall/NDCG@K; cases are split across ranks and their ranks gathered."""
+    mine = ctx.shard(len(target), even=False)
+    pad = model.config.pad_id
+
+    def score(idx: np.ndarray) -> torch.Tensor:
+        (h,) = _trimmed([hist[idx]], pad, ctx.device)
+        return model.score_all(h)
+
+    exclude = np.where(hist[mine] == pad, -1, hist[mine]) if exclude_history else None
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        ranks = target_ranks(score, mine, target[mine], exclude=exclude, chunk_size=chunk_size)
+    model.train(was_training)
+    gathered = ctx.all_gather((mine, ranks))
+    all_ranks = np.empty(len(target), dtype=np.int64)
+    for idx, r in gathered:
+        all_ranks[idx] = r
+    return metrics_from_ranks(all_ranks, groups=groups)
+
+
+# ----------------------------------------------------------------------------------------------
+# outputs
+
+
+def _write_outputs(out: Path, result: FitResult, data: Sequences, model_config: dict[str, Any]) -> dict[str, Any]:
+    """Embeddings and model of the best epoch, and the metrics; returns the manifest metrics."""
+    if result.best_checkpoint is None:
+        raise RuntimeError(f"sasrec: the best checkpoint (epoch {result.best_epoch}) is missing under {result.path}")
+    state = load_state(result.best_checkpoint)["model"]
+    emb = state["item_emb.weight"][: data.num_items].float().numpy()  # (num_items, H), pad row dropped
+    norm = np.linalg.norm(emb, axis=1).astype(np.float32)
+    table = pa.table({"item_id": np.arange(data.num_items, dtype=np.int64),
+                      "embedding": pa.array(list(emb), type=pa.list_(pa.float32())), "norm": norm},
+                     schema=ITEM_EMBEDDINGS)
+    pq.write_table(table, out / "item_embeddings.parquet")
+    torch.save({"config": model_config, "state_dict": state}, out / "model.pt")
+    if not result.value["replicas_agree"]:
+        raise RuntimeError("sasrec: the workers' model replicas diverged; gradients were not synchronised")
+    metrics = {"best_epoch": result.best_epoch, "epochs_run": len(result.history),
+               "stopped_early": result.stopped_early, "valid": result.value["valid"], "test": result.value["test"]}
+    (out / "metrics.json").write_text(json.dumps({**metrics, "history": result.history}, indent=2))
+    return metrics
+

@@ -1,0 +1,202 @@
+"""The SASRec stage: sequences and protocol, training through the runner on configs/tiny.yaml,
+outputs, skip/resume, and one slow 2-worker run against the in-process one."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from sidforge.models.sasrec import SASRec, SASRecConfig
+from sidforge.platform.artifacts import RunDir
+from sidforge.platform.config import ConfigError, load_config
+from sidforge.stages import prepare, sasrec
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny tensors on a busy 2-core machine: one intra-op thread avoids OpenMP spin-wait."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+# ----------------------------------------------------------------------------------------------
+# sequences (no Ray)
+
+
+def _table(rows: list[tuple[int, int, int, str]]) -> pa.Table:
+    u, i, p, s = zip(*rows)
+    return pa.table({"user_id": np.array(u, dtype=np.int64), "item_id": np.array(i, dtype=np.int64),
+                     "position": np.array(p, dtype=np.int64), "split": list(s)})
+
+
+def test_sequences_follow_the_leave_one_out_protocol():
+    P = 9  # pad id = num_items
+    rows = [  # rows deliberately out of order
+        (0, 5, 3, "valid"), (0, 1, 0, "train"), (0, 2, 1, "train"), (0, 3, 2, "train"), (0, 6, 4, "test"),
+        (1, 4, 0, "train"), (1, 8, 1, "heldout"), (1, 7, 2, "train"), (1, 2, 3, "valid"), (1, 0, 4, "test"),
+        (2, 8, 0, "heldout"), (2, 1, 1, "valid"), (2, 4, 2, "test"),
+    ]
+    data = sasrec.build_sequences(_table(rows), np.array(["head"] * 8 + ["cold"]), max_len=2)
+
+    assert data.num_items == P
+    # training: the last max_len + 1 train items; a target after every real input
+    assert data.train_inputs.tolist() == [[1, 2], [P, 4]]
+    assert data.train_targets.tolist() == [[2, 3], [P, 7]]
+    # valid: train prefix (heldout interactions of cold items never enter a history)
+    assert data.valid_hist.tolist() == [[2, 3], [4, 7], [P, P]]
+    assert data.valid_target.tolist() == [5, 2, 1]
+    # test: train + valid prefix, truncated to the most recent max_len
+    assert data.test_hist.tolist() == [[3, 5], [7, 2], [P, 1]]
+    assert data.test_target.tolist() == [6, 0, 4]
+
+
+class _OneProcess:
+    """The slice of WorkerContext that ``sasrec.evaluate`` uses, for one process."""
+
+    rank, world_size, device = 0, 1, torch.device("cpu")
+
+    def shard(self, n: int, seed: int | None = None, even: bool = True) -> np.ndarray:
+        return np.arange(n)
+
+    def all_gather(self, obj: Any) -> list[Any]:
+        return [obj]
+
+
+def test_excluding_history_only_removes_history_items():
+    torch.manual_seed(0)
+    model = SASRec(SASRecConfig(num_items=30, max_len=5, hidden=8, num_layers=1, num_heads=1, ffn_hidden=16))
+    rng = np.random.default_rng(0)
+    hist = rng.integers(0, 30, size=(40, 5))
+    hist[:5, :2] = 30  # some left padding
+    target = rng.integers(0, 30, size=40)
+    target[0] = hist[0, -1]  # a repeat: the target stays a candidate even though it is in the history
+    keep = sasrec.evaluate(_OneProcess(), model, hist, target, exclude_history=False)
+    drop = sasrec.evaluate(_OneProcess(), model, hist, target, exclude_history=True)
+    assert keep["count"] == drop["count"] == 40
+    for k in (5, 10, 20):
+        assert drop[f"recall@{k}"] >= keep[f"recall@{k}"]
+    assert drop["recall@10"] > keep["recall@10"] or drop["ndcg@10"] > keep["ndcg@10"]
+
+
+def test_sasrec_config_is_validated(tiny_config):
+    with pytest.raises(ConfigError, match="sasrec.hidden"):
+        tiny_config("sasrec.hidden=30", "sasrec.heads=4")
+    with pytest.raises(ConfigError, match="sasrec.loss"):
+        tiny_config("sasrec.loss=bpr")
+    assert tiny_config("sasrec.seed=7").sasrec.seed == 7
+
+
+# ----------------------------------------------------------------------------------------------
+# the stage on configs/tiny.yaml
+
+
+@pytest.fixture(scope="module")
+def prepared(ray_cluster, tmp_path_factory) -> Path:
+    """One prepare run of configs/tiny.yaml; each test copies its outputs into its own run dir."""
+    tmp = tmp_path_factory.mktemp("tiny-sasrec")
+    cfg = load_config(REPO / "configs" / "tiny.yaml", [f"run_dir={tmp / 'run'}"])
+    return prepare.run(cfg, RunDir(cfg.run_dir), tmp).out_dir
+
+
+def _run_dir(prepared: Path, cfg: Any) -> RunDir:
+    run = RunDir(cfg.run_dir)
+    shutil.copytree(prepared, run.stage_dir("prepare"))
+    return run
+
+
+@pytest.mark.ray
+def test_stage_trains_in_process_far_above_random_and_writes_its_outputs(prepared, tiny_config):
+    cfg = tiny_config("sasrec.epochs=4")
+    run = _run_dir(prepared, cfg)
+    res = sasrec.run(cfg, run)
+
+    num_items = res.rows["items"]
+    random_recall = 10 / num_items
+    metrics = json.loads((res.out_dir / "metrics.json").read_text())
+    assert [row["epoch"] for row in metrics["history"]] == list(range(4))
+    assert all("valid/ndcg@10" in row and "loss" in row for row in metrics["history"])
+    assert metrics["valid"]["recall@10"] > 5 * random_recall, metrics["valid"]
+    assert metrics["test"]["recall@10"] > 5 * random_recall, metrics["test"]
+    best = max(metrics["history"], key=lambda row: row["valid/ndcg@10"])
+    assert metrics["best_epoch"] == best["epoch"]
+    assert metrics["valid"]["ndcg@10"] == pytest.approx(best["valid/ndcg@10"])  # the best epoch was scored
+    # test metrics per popularity bucket of the target; counts add up
+    buckets = [b for b in ("head", "torso", "tail", "cold") if f"count/{b}" in metrics["test"]]
+    assert {"head", "tail"} <= set(buckets)
+    assert sum(metrics["test"][f"count/{b}"] for b in buckets) == metrics["test"]["count"] == res.rows["test_cases"]
+
+    emb = pq.read_table(res.out_dir / "item_embeddings.parquet")
+    assert emb.schema == sasrec.ITEM_EMBEDDINGS
+    assert emb.column("item_id").to_pylist() == list(range(num_items))
+    vectors = np.stack(emb.column("embedding").to_numpy(zero_copy_only=False))
+    assert vectors.shape == (num_items, cfg.sasrec.hidden) and vectors.dtype == np.float32
+    np.testing.assert_allclose(emb.column("norm").to_numpy(), np.linalg.norm(vectors, axis=1), rtol=1e-5)
+    saved = torch.load(res.out_dir / "model.pt", weights_only=False)
+    model = SASRec(SASRecConfig(**saved["config"]))
+    model.load_state_dict(saved["state_dict"])
+    np.testing.assert_allclose(model.item_embeddings().detach().numpy(), vectors)
+
+    entry = run.read_manifest().stages["sasrec"]
+    assert entry.metrics["best_epoch"] == metrics["best_epoch"] and entry.rows == res.rows
+    assert not (run.path / "_train").exists()  # checkpoints are removed once the outputs are written
+
+    again = sasrec.run(cfg, run)
+    assert again.skipped and again.metrics == res.metrics
+    assert not run.is_current("sasrec", sasrec.stage_config_hash(tiny_config("sasrec.lr=0.01")), entry.inputs)
+    assert sasrec.stage_config_hash(tiny_config("sasrec.epochs=4", "sasrec.max_failures=3")) == entry.config_hash
+
+
+@pytest.mark.ray
+def test_an_interrupted_stage_resumes_its_training_run(prepared, tiny_config, monkeypatch, caplog):
+    cfg = tiny_config("sasrec.epochs=3", "sasrec.loss=bce")
+    run = _run_dir(prepared, cfg)
+
+    def disk_full(*args: Any, **kwargs: Any) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(sasrec, "_write_outputs", disk_full)
+    with pytest.raises(OSError, match="disk full"):
+        sasrec.run(cfg, run)
+    assert not run.stage_dir("sasrec").exists() and "sasrec" not in run.read_manifest().stages
+    kept = list((run.path / "_train").glob("sasrec-*/epoch_0002"))
+    assert len(kept) == 1  # the training run's last checkpoint survived the failure
+
+    monkeypatch.undo()
+    with caplog.at_level(logging.INFO, logger="sidforge.platform.training"):
+        res = sasrec.run(cfg, run)
+    assert "resuming after epoch 2" in caplog.text
+    history = json.loads((res.out_dir / "metrics.json").read_text())["history"]
+    assert [row["epoch"] for row in history] == [0, 1, 2]  # resumed at the end: nothing retrained
+    assert res.metrics["valid"]["recall@10"] > 5 * 10 / res.rows["items"]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_two_workers_match_one_process(prepared, tiny_config, tmp_path):
+    one = tiny_config("sasrec.epochs=4")
+    two = dataclasses.replace(one, run_dir=str(tmp_path / "two"),
+                              sasrec=dataclasses.replace(one.sasrec, num_workers=2))
+    res_one = sasrec.run(one, _run_dir(prepared, one))
+    res_two = sasrec.run(two, _run_dir(prepared, two))
+
+    random_recall = 10 / res_one.rows["items"]
+    v1, v2 = res_one.metrics["valid"], res_two.metrics["valid"]
+    assert v2["recall@10"] > 5 * random_recall
+    assert v2["count"] == v1["count"]  # every valid case scored exactly once across the ranks
+    assert abs(v1["ndcg@10"] - v2["ndcg@10"]) < 0.08, (v1["ndcg@10"], v2["ndcg@10"])
+    assert abs(v1["recall@10"] - v2["recall@10"]) < 0.08, (v1["recall@10"], v2["recall@10"])
