@@ -131,6 +131,8 @@ def _prepare(cfg: Config, source: RawSource, out: Path) -> tuple[dict[str, int],
     if official and not source.has_official_split:
         raise DataError("data.split=official but this source ships no split; use data.split=loo")
     ds = _dataset(source)
+    if not isinstance(source.interactions, pa.Table):
+        ds = ds.materialize()  # read the files once: the vocabulary pass and the main pass share it
     users, items = _vocabularies(ds, source)
     num_items = len(items)
     cold = choose_cold_items(num_items, pcfg.cold_item_fraction, cfg.seed)
@@ -160,7 +162,7 @@ def _prepare(cfg: Config, source: RawSource, out: Path) -> tuple[dict[str, int],
     pq.write_table(item_table, out / "items.parquet")
     pq.write_table(pa.table({"user_id": np.arange(len(users), dtype=np.int64), "source_id": users}),
                    out / "users.parquet")
-    rejects = pa.concat_tables([_to_rejects(side.rejects), item_rejects])
+    rejects = pa.concat_tables([_to_rejects(side.rejects, users, items), item_rejects])
     pq.write_table(rejects, out / "rejects.parquet")
     return _summary(side, len(users), num_items, buckets, cold, pairs, rejects, item_table)
 
@@ -184,7 +186,7 @@ def _side_outputs(per_user: Any, num_items: int, max_pair_rows: int) -> _Side:
     pa_, pb, pcnt, rejects = [], [], [], []
     splits: dict[str, int] = {}
     pair_rows = 0
-    cols = ["kind", "item_id", "item_b", "count", "split", *_REJECT_COLS]
+    cols = ["kind", "user_id", "item_id", "item_b", "count", "split", "raw", "src_order", "reason"]
     for batch in _of_kind(per_user, ["count", "pair", "reject", "split_count"], cols).iter_batches(
             batch_size=None, batch_format="pyarrow"):
         kind = batch.column("kind").to_numpy(zero_copy_only=False)
@@ -211,7 +213,7 @@ def _side_outputs(per_user: Any, num_items: int, max_pair_rows: int) -> _Side:
     empty = np.zeros(0, dtype=np.int64)
     pairs = tuple(np.concatenate(x) if x else empty for x in (pa_, pb, pcnt)) if pair_rows <= max_pair_rows else None
     reject_table = pa.concat_tables(rejects) if rejects else pa.table(
-        {c: pa.array([], pa.string()) for c in _REJECT_COLS})
+        {c: pa.array([], pa.int64() if c.endswith("_id") else pa.string()) for c in _REJECT_COLS})
     return _Side(counts, pairs, pair_rows, reject_table, splits)
 
 
@@ -298,7 +300,8 @@ def _vocabularies(ds: Any, source: RawSource) -> tuple[pa.Array, pa.Array]:
 # per-row and per-partition UDFs
 
 _CACHE: dict[str, Any] = {}
-_REJECT_COLS = ["src_user", "src_item", "src_order", "reason"]
+# rejected rows: re-indexed ids where known (-1 otherwise), the raw ids of invalid rows in ``raw``
+_REJECT_COLS = ["user_id", "item_id", "raw", "src_order", "reason"]
 _SPLIT_CODE = {name: code for name, code in OFFICIAL_CODES.items()}
 
 
@@ -353,10 +356,13 @@ class _MapIds:
         user_id[good] = _index_of(user.take(good), _get(self.refs["users"]))
         item_id[good] = _index_of(item.take(good), _get(self.refs["items"]))
         order_num = order.cast(pa.float64()) if pa.types.is_floating(order.type) else order.cast(pa.int64())
+        raw = np.full(batch.num_rows, None, dtype=object)
+        if bad.any():  # only invalid rows carry their raw ids (as text) through the shuffle
+            idx = np.flatnonzero(bad)
+            raw[idx] = [f"{u}\t{i}" for u, i in zip(user.take(idx).to_pylist(), item.take(idx).to_pylist())]
         cols = {
             "user_id": user_id, "item_id": item_id, "order": order_num.fill_null(0),
-            "src_user": user.cast(pa.string()), "src_item": item.cast(pa.string()),
-            "reason": pa.array(reason, pa.string()),
+            "raw": pa.array(raw, pa.string()), "reason": pa.array(reason, pa.string()),
         }
         if self.official:
             split = batch.column("split").combine_chunks().to_numpy(zero_copy_only=False)
@@ -376,7 +382,7 @@ class _PerUser:
         if invalid.any():
             bad = batch.filter(pa.array(invalid))
             parts.append(_kind_table("reject", {
-                "src_user": bad.column("src_user"), "src_item": bad.column("src_item"),
+                "user_id": bad.column("user_id"), "item_id": bad.column("item_id"), "raw": bad.column("raw"),
                 "src_order": bad.column("order").cast(pa.string()), "reason": bad.column("reason"),
             }))
             batch = batch.filter(pa.array(~invalid))
@@ -395,7 +401,7 @@ class _PerUser:
         for index, why in ((res.dup_index, "duplicate_interaction"), (res.short_index, "short_sequence")):
             if len(index):
                 parts.append(_kind_table("reject", {
-                    "src_user": batch.column("src_user").take(index), "src_item": batch.column("src_item").take(index),
+                    "user_id": user[index], "item_id": item[index],
                     "src_order": pa.array(order[index]).cast(pa.string()), "reason": np.full(len(index), why),
                 }))
         train = res.split == TRAIN
@@ -409,7 +415,7 @@ class _PerUser:
 _KIND_SCHEMA = pa.schema([
     ("kind", pa.string()), ("user_id", pa.int64()), ("item_id", pa.int64()), ("position", pa.int64()),
     ("split", pa.string()), ("item_b", pa.int64()), ("count", pa.int64()),
-    ("src_user", pa.string()), ("src_item", pa.string()), ("src_order", pa.string()), ("reason", pa.string()),
+    ("raw", pa.string()), ("src_order", pa.string()), ("reason", pa.string()),
 ])
 
 
@@ -434,11 +440,22 @@ def _of_kind(ds: Any, kinds: list[str], columns: list[str]) -> Any:
     return ds.map_batches(select, batch_format="pyarrow", batch_size=None)
 
 
-def _to_rejects(t: pa.Table) -> pa.Table:
+def _to_rejects(t: pa.Table, users: pa.Array, items: pa.Array) -> pa.Table:
+    """Rejected interaction rows with their source ids (mapped back through the vocabularies)."""
     n = t.num_rows
+    uid = t.column("user_id").to_numpy(zero_copy_only=False)
+    iid = t.column("item_id").to_numpy(zero_copy_only=False)
+    raw = t.column("raw").to_pylist()
+    src_u = users.cast(pa.string()).to_pylist()
+    src_i = items.cast(pa.string()).to_pylist()
+    user_col, item_col = [], []
+    for k in range(n):
+        ru, ri = raw[k].split("\t") if raw[k] is not None else (None, None)
+        user_col.append(src_u[uid[k]] if uid[k] >= 0 else (None if ru == "None" else ru))
+        item_col.append(src_i[iid[k]] if iid[k] >= 0 else (None if ri == "None" else ri))
     return pa.table({
         "source": pa.array(np.full(n, "interactions"), pa.string()),
-        "user_id": t.column("src_user").cast(pa.string()), "item_id": t.column("src_item").cast(pa.string()),
+        "user_id": pa.array(user_col, pa.string()), "item_id": pa.array(item_col, pa.string()),
         "order": t.column("src_order").cast(pa.string()), "reason": t.column("reason").cast(pa.string()),
     }, schema=REJECTS)
 
