@@ -32,11 +32,14 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sidforge", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="sidforge", description="sidforge: behavior-aligned semantic IDs on Ray.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prepare", help="validate, re-index, split; item stats and co-click pairs (Ray Data)")
+    _add_common(p)
+
+    p = sub.add_parser("embed", help="content embeddings of every item on Ray Data actor pools (after prepare)")
     _add_common(p)
 
     p = sub.add_parser("train", help="train a model stage on Ray Train (after prepare)")
@@ -84,6 +87,20 @@ def cmd_prepare(args: argparse.Namespace) -> int:
             print(f"{key}: " + ", ".join(f"{k}={v:,}" for k, v in result.metrics[key].items()))
     extra = {k: v for k, v in result.metrics.items() if not isinstance(v, dict)}
     print(", ".join(f"{k}={v:,}" for k, v in extra.items()))
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from sidforge.platform.artifacts import RunDir
+    from sidforge.platform.runtime import init_ray
+    from sidforge.stages import embed
+
+    cfg = _config(args)
+    init_ray(args.address)
+    result = embed.run(cfg, RunDir(cfg.run_dir), force=args.force)
+    status = "unchanged (skipped)" if result.skipped else f"done in {result.wall_time_s:.1f} s"
+    print(f"embed: {status} -> {result.out_dir}")
+    print(format_table([(k, f"{v:,}") for k, v in result.rows.items()], ("what", "count")))
     return 0
 
 
@@ -144,7 +161,7 @@ def format_table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str
     return "\n".join(lines)
 
 
-COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "config": cmd_config, "data": cmd_data}
+COMMANDS = {"prepare": cmd_prepare, "embed": cmd_embed, "train": cmd_train, "config": cmd_config, "data": cmd_data}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
