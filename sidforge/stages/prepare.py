@@ -39,7 +39,6 @@ from sidforge.platform.logs import (
     order_and_split,
     sum_pairs,
 )
-from sidforge.platform.metrics import popularity_buckets
 from sidforge.platform.schemas import COCLICKS, ITEM_STATS, REJECTS, DataError
 
 log = logging.getLogger(__name__)
@@ -125,6 +124,9 @@ def _remove_tree(path: Path) -> None:
 
 def _prepare(cfg: Config, source: RawSource, out: Path) -> tuple[dict[str, int], dict[str, Any]]:
     import ray
+
+    # imported here, not at module top: Ray workers import this module and must not pay for torch
+    from sidforge.platform.metrics import popularity_buckets
 
     pcfg = cfg.prepare
     official = cfg.data.split == "official"
@@ -311,7 +313,8 @@ def _get(ref: Any) -> Any:
 
     key = ref.hex()
     if key not in _CACHE:
-        _CACHE.clear()
+        if len(_CACHE) >= 8:  # a long-lived worker serves several runs: keep the most recent few
+            _CACHE.pop(next(iter(_CACHE)))
         _CACHE[key] = ray.get(ref)
     return _CACHE[key]
 
@@ -349,24 +352,29 @@ class _MapIds:
             reason[pc.is_null(col).to_numpy(zero_copy_only=False)] = f"null_{name}"
         if pa.types.is_floating(order.type):
             reason[~np.isfinite(order.fill_null(0).to_numpy(zero_copy_only=False))] = f"bad_{self.order}"
-        bad = np.array([r is not None for r in reason], dtype=bool)
+        bad = reason != None  # noqa: E711 - elementwise over an object array
         good = np.flatnonzero(~bad)
         user_id = np.full(batch.num_rows, -1, dtype=np.int64)
         item_id = np.full(batch.num_rows, -1, dtype=np.int64)
         user_id[good] = _index_of(user.take(good), _get(self.refs["users"]))
         item_id[good] = _index_of(item.take(good), _get(self.refs["items"]))
+        # nulls stay null (their rows are rejects and never reach the per-user step's sort)
         order_num = order.cast(pa.float64()) if pa.types.is_floating(order.type) else order.cast(pa.int64())
         raw = np.full(batch.num_rows, None, dtype=object)
         if bad.any():  # only invalid rows carry their raw ids (as text) through the shuffle
             idx = np.flatnonzero(bad)
             raw[idx] = [f"{u}\t{i}" for u, i in zip(user.take(idx).to_pylist(), item.take(idx).to_pylist())]
         cols = {
-            "user_id": user_id, "item_id": item_id, "order": order_num.fill_null(0),
+            "user_id": user_id, "item_id": item_id, "order": order_num,
             "raw": pa.array(raw, pa.string()), "reason": pa.array(reason, pa.string()),
         }
         if self.official:
             split = batch.column("split").combine_chunks().to_numpy(zero_copy_only=False)
-            cols["split_code"] = np.array([_SPLIT_CODE.get(s, -1) for s in split], dtype=np.int8)
+            codes = np.array([_SPLIT_CODE.get(s, -1) for s in split], dtype=np.int8)
+            unknown = (codes < 0) & ~bad
+            reason[unknown] = "unknown_split"
+            cols["reason"] = pa.array(reason, pa.string())
+            cols["split_code"] = codes
         return pa.table(cols)
 
 
