@@ -82,6 +82,20 @@ def _shm_used() -> int:
         return 0
 
 
+def settle(timeout_s: float = 15.0, tolerance: int = 64 * 1024**2) -> None:
+    """Wait (up to ``timeout_s``) until used memory and /dev/shm stop shrinking, so that a run's
+    baseline is not inflated by the previous run's objects still being freed."""
+    gc.collect()
+    deadline = time.monotonic() + timeout_s
+    last = _system_used() + _shm_used()
+    while time.monotonic() < deadline:
+        time.sleep(1.0)
+        now = _system_used() + _shm_used()
+        if now > last - tolerance:
+            return
+        last = now
+
+
 @dataclass
 class Peaks:
     system_base_gb: float = 0.0
@@ -192,22 +206,33 @@ class DataLogCapture(logging.Handler):
         elif (m := _OP_DONE_RE.search(msg)) and "InputDataBuffer" not in m.group(1):
             self._ops.append({"op": m.group(1), "done_at_s": record.created, **_metrics_of(msg)})
         elif m := _DONE_RE.search(msg):
-            start = self._start.get(m.group(1), record.created)
+            start = self._start.get(m.group(1), record.created - float(m.group(2)))
             for op in self._ops:
                 op["done_at_s"] = round(op["done_at_s"] - start, 2)
-            plan = self._plans.get(m.group(1), "").replace("TaskPoolMapOperator", "")
+            plan = self._plans.get(m.group(1)) or " -> ".join(op["op"] for op in self._ops)
+            plan = plan.replace("InputDataBuffer[Input] -> ", "").replace("TaskPoolMapOperator", "")
             self.datasets.append({"dataset": m.group(1), "wall_s": float(m.group(2)), "plan": plan,
                                   "operators": self._ops})
             self._ops = []
 
     @contextmanager
     def attached(self) -> Iterator[DataLogCapture]:
+        """Listen to ``ray.data`` at DEBUG (operator metrics) while keeping its console output at WARNING."""
         logger = logging.getLogger("ray.data")
+        level = logger.level
+        consoles = {h: h.level for h in logger.handlers if isinstance(h, logging.StreamHandler)
+                    and getattr(h, "stream", None) in (sys.stderr, sys.stdout)}
+        for h in consoles:
+            h.setLevel(logging.WARNING)
+        logger.setLevel(logging.DEBUG)
         logger.addHandler(self)
         try:
             yield self
         finally:
             logger.removeHandler(self)
+            logger.setLevel(level)
+            for h, lvl in consoles.items():
+                h.setLevel(lvl)
 
 
 def _metrics_of(msg: str) -> dict[str, float]:
@@ -291,12 +316,13 @@ def ensure_synthetic(size_name: str, scratch: Path) -> tuple[Path, Path, float]:
     return inter, items, time.perf_counter() - t0
 
 
-def table_config(scratch: Path, tag: str, inter: Path, items: Path, partitions: int) -> Any:
+def table_config(scratch: Path, tag: str, inter: Path, items: Path, partitions: int,
+                 overrides: list[str] | None = None) -> Any:
     from sidforge.platform.config import load_config
 
     return load_config(None, [f"run_dir={scratch / 'runs' / tag}", "data.source=table",
                               f"data.interactions={inter}", f"data.items={items}",
-                              f"prepare.num_partitions={partitions}"])
+                              f"prepare.num_partitions={partitions}", *(overrides or [])])
 
 
 def count_rows(folder: Path) -> int:
@@ -322,8 +348,8 @@ def _spilled_mib() -> float | None:
 
 # driver-side functions of the stage whose wall time is recorded (wrapped in the driver only; Ray
 # workers import the module afresh, so the UDFs run unwrapped)
-PROFILED = ("load_source", "_input_fingerprints", "_vocabularies", "_coclicks", "sum_pairs", "finalize_coclicks",
-            "_items_output", "_collect", "_summary", "fingerprint_tree")
+PROFILED = ("load_source", "_input_fingerprints", "_vocabularies", "_side_outputs", "_collect", "_coclicks",
+            "sum_pairs", "finalize_coclicks", "popularity_buckets", "_items_output", "_summary", "fingerprint_tree")
 
 
 @contextmanager
@@ -334,7 +360,7 @@ def profile_stage(names: tuple[str, ...] = PROFILED) -> Iterator[dict[str, float
     from sidforge.stages import prepare
 
     times: dict[str, float] = {}
-    originals = {n: getattr(prepare, n) for n in names}
+    originals = {n: getattr(prepare, n) for n in names if callable(getattr(prepare, n, None))}
 
     def wrap(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
@@ -361,7 +387,7 @@ def run_ray_case(case: Case, cfg: Any, data_dir: Path, repeats: int, capture: Da
     from sidforge.stages import prepare
 
     for i in range(repeats):
-        gc.collect()
+        settle()
         capture.datasets = []
         spilled0 = _spilled_mib()
         load0 = os.getloadavg()[0]
@@ -488,7 +514,7 @@ def run_pandas_case(case: Case, cfg: Any, scratch: Path, repeats: int) -> None:
     out = scratch / "runs" / "pandas-2m"
     for i in range(repeats):
         shutil.rmtree(out, ignore_errors=True)
-        gc.collect()
+        settle()
         with Sampler() as mem:
             t0 = time.perf_counter()
             rows, phases = pandas_prepare(cfg, out)
@@ -510,7 +536,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=3, help="runs per small case (Beauty, 2m); the median is reported")
     ap.add_argument("--repeats-20m", type=int, default=1, help="runs of the 20m case")
     ap.add_argument("--partitions-2m", default="4,8,16", help="prepare.num_partitions values tried at 2m")
-    ap.add_argument("--partitions-20m", default="16", help="prepare.num_partitions values tried at 20m")
+    ap.add_argument("--partitions-20m", default="16,32", help="prepare.num_partitions values tried at 20m")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra config override for the synthetic cases, e.g. prepare.driver_merge_rows=0")
+    ap.add_argument("--ctx", action="append", default=[], metavar="KEY=VALUE",
+                    help="set a ray.data DataContext attribute after start-up, e.g. use_datasource_v2=False")
     ap.add_argument("--scratch", type=Path, default=Path("/tmp/sidforge-bench"), help="synthetic data and runs")
     ap.add_argument("--data-dir", type=Path,
                     default=Path(os.environ.get("SIDFORGE_DATA_DIR", "/work/shared/data")))
@@ -525,13 +555,46 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+WATCHED = ("sidforge/stages/prepare.py", "sidforge/platform/logs.py", "sidforge/platform/adapters.py",
+           "sidforge/platform/config.py", "sidforge/platform/runtime.py", "sidforge/platform/metrics.py")
+
+
+def code_fingerprint() -> dict[str, str]:
+    """sha256 (12 hex) of the stage's source files: Ray workers import them afresh, so an edit made
+    during a run mixes two versions; cases measured while the code changed are flagged."""
+    import hashlib
+
+    return {f: hashlib.sha256((REPO / f).read_bytes()).hexdigest()[:12] for f in WATCHED if (REPO / f).is_file()}
+
+
+def apply_data_context(settings: list[str]) -> dict[str, Any]:
+    """Apply ``KEY=VALUE`` DataContext settings (values parsed as Python literals, else strings)."""
+    import ast
+
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    applied: dict[str, Any] = {}
+    for item in settings:
+        key, _, raw = item.partition("=")
+        if not hasattr(ctx, key.strip()):
+            raise SystemExit(f"--ctx {item!r}: DataContext has no attribute {key.strip()!r}")
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw
+        setattr(ctx, key.strip(), value)
+        applied[key.strip()] = value
+    return applied
+
+
 def environment() -> dict[str, Any]:
     import ray
 
     vm = psutil.virtual_memory()
     return {"python": platform.python_version(), "ray": ray.__version__, "cpus": os.cpu_count(),
             "memory_gb": round(vm.total / GB, 1), "shm_gb": round(shutil.disk_usage("/dev/shm").total / GB, 1),
-            "argv": sys.argv, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            "argv": sys.argv, "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "code": code_fingerprint()}
 
 
 class Report:
@@ -587,6 +650,8 @@ def format_table(cases: list[Case]) -> str:
         status = "ERROR: " + (c.error or "")[:60] if c.error else "ok"
         if c.name.startswith("20m") and not c.error and s["system_peak_delta_gb"] is not None:
             status = "ok (<12 GB)" if s["system_peak_delta_gb"] < MEMORY_TARGET_GB else "OVER 12 GB"
+        if c.params.get("code_changed_during_run"):
+            status += " (code changed mid-run)"
         rows.append((c.name, c.kind, f"{c.interactions:,}", str(c.params.get("num_partitions", "-")),
                      str(len(c.runs)), _fmt(s["wall_s_median"]), _fmt(s["system_peak_delta_gb"]),
                      _fmt(s["tree_rss_peak_gb"]), _fmt(s["shm_peak_delta_gb"]),
@@ -629,6 +694,26 @@ def guarded(case: Case, fn: Callable[[], None]) -> None:
         case.error = f"{type(e).__name__}: {e}"
 
 
+def ray_plan(args: argparse.Namespace, inputs: dict[str, tuple[Path, Path]], gen: dict[str, Any],
+             data_context: dict[str, Any]) -> list[tuple[Case, Any, int]]:
+    """The Ray cases to run, in order: (case, config, repeats)."""
+    plan: list[tuple[Case, Any, int]] = []
+    if not args.skip_beauty:
+        from sidforge.platform.config import load_config
+
+        cfg = load_config(REPO / "configs" / "amazon-beauty.yaml", [f"run_dir={args.scratch / 'runs' / 'beauty'}"])
+        plan.append((Case("beauty", "ray", 198_502, {"num_partitions": cfg.prepare.num_partitions}),
+                     cfg, args.repeats))
+    for size in args.sizes:
+        for n in args.partitions_2m if size == "2m" else args.partitions_20m:
+            cfg = table_config(args.scratch, f"{size}-p{n}", *inputs[size], partitions=n, overrides=args.overrides)
+            params = {"num_partitions": n, **({"overrides": args.overrides} if args.overrides else {}),
+                      **({"data_context": data_context} if data_context else {})}
+            plan.append((Case(f"{size}-p{n}", "ray", gen[size]["interactions"], params), cfg,
+                         args.repeats if size == "2m" else args.repeats_20m))
+    return plan
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     args = parse_args(argv)
@@ -653,28 +738,24 @@ def main(argv: list[str] | None = None) -> int:
         cases.append(case)
 
     init_ray()
-    report = Report(args.out, environment())
+    from ray.data import DataContext
+
+    DataContext.get_current().print_on_execution_start = True  # plan lines for the timeline (logging only)
+    data_context = apply_data_context(args.ctx)
+    report = Report(args.out, {**environment(), "data_context": data_context})
     report.inputs = gen
     for c in cases:
         report.add(c)
     capture = DataLogCapture()
     with capture.attached():
-        plan: list[tuple[Case, Any, int]] = []
-        if not args.skip_beauty:
-            from sidforge.platform.config import load_config
-
-            cfg = load_config(REPO / "configs" / "amazon-beauty.yaml", [f"run_dir={args.scratch / 'runs' / 'beauty'}"])
-            plan.append((Case("beauty", "ray", 198_502, {"num_partitions": cfg.prepare.num_partitions}),
-                         cfg, args.repeats))
-        for size in args.sizes:
-            parts = args.partitions_2m if size == "2m" else args.partitions_20m
-            for n in parts:
-                cfg = table_config(args.scratch, f"{size}-p{n}", *inputs[size], partitions=n)
-                plan.append((Case(f"{size}-p{n}", "ray", gen[size]["interactions"], {"num_partitions": n}), cfg,
-                             args.repeats if size == "2m" else args.repeats_20m))
+        plan = ray_plan(args, inputs, gen, data_context)
         for case, cfg, repeats in plan:
+            before = code_fingerprint()
             guarded(case, lambda case=case, cfg=cfg, repeats=repeats:
                     run_ray_case(case, cfg, args.data_dir, repeats, capture))
+            if code_fingerprint() != before:
+                case.params["code_changed_during_run"] = True
+                log.warning("%s: the stage's source changed during the run; its numbers mix versions", case.name)
             report.add(case)
 
     print()
