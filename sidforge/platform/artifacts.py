@@ -17,6 +17,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,17 @@ def fingerprint_files(paths: list[Path], root: Path | None = None) -> dict[str, 
 def fingerprint_tree(folder: Path) -> dict[str, str]:
     """Fingerprints of every file under ``folder``, keyed by relative path."""
     return fingerprint_files([p for p in folder.rglob("*") if p.is_file()], root=folder)
+
+
+@dataclass
+class StageResult:
+    """What a stage's ``run`` returns: where it wrote, whether it was skipped, and its manifest figures."""
+
+    out_dir: Path
+    skipped: bool
+    rows: dict[str, int]
+    metrics: dict[str, Any]
+    wall_time_s: float
 
 
 class RunDir:

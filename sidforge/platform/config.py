@@ -336,7 +336,20 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {key!r}: {part!r} is not a section")
-    node[parts[-1]] = yaml.safe_load(value) if value.strip() else ""
+    node[parts[-1]] = _parse_override_value(value)
+
+
+def _parse_override_value(value: str) -> Any:
+    """A YAML scalar/list/mapping; text YAML cannot parse, or that reads as ``{field}`` placeholders, stays text."""
+    if not value.strip():
+        return ""
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+    if isinstance(parsed, dict) and parsed and all(v is None for v in parsed.values()):
+        return value  # e.g. a text template "{title}" rather than a mapping
+    return parsed
 
 
 def from_dict(cls: type, data: Any, path: str = "") -> Any:

@@ -27,7 +27,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sidforge.platform.artifacts import RunDir, StageEntry, fingerprint_files, fingerprint_tree, now_iso
+from sidforge.platform.artifacts import (
+    RunDir,
+    StageEntry,
+    StageResult,
+    fingerprint_files,
+    fingerprint_tree,
+    now_iso,
+)
 from sidforge.platform.config import Config, EmbedConfig
 from sidforge.platform.schemas import DataError, feature_columns
 from sidforge.platform.text import ItemTextTemplate
@@ -45,13 +52,6 @@ ITEMS = Path("prepare") / "items.parquet"
 IMAGE_OK, IMAGE_NO_URI, IMAGE_UNREADABLE = 0, 1, 2
 
 
-@dataclass
-class EmbedResult:
-    out_dir: Path
-    skipped: bool
-    rows: dict[str, int]
-    metrics: dict[str, Any]
-    wall_time_s: float
 
 
 @dataclass
@@ -105,7 +105,7 @@ def load_embeddings(run_dir: RunDir) -> ItemEmbeddings:
 # entry point
 
 
-def run(cfg: Config, run_dir: RunDir, force: bool = False) -> EmbedResult:
+def run(cfg: Config, run_dir: RunDir, force: bool = False) -> StageResult:
     """Run (or skip) the embed stage; returns what it wrote.
 
     Args:
@@ -122,7 +122,7 @@ def run(cfg: Config, run_dir: RunDir, force: bool = False) -> EmbedResult:
     if not force and run_dir.is_current(STAGE, config_hash, inputs):
         entry = run_dir.read_manifest().stages[STAGE]
         log.info("embed: inputs and config unchanged, skipping (%s)", run_dir.stage_dir(STAGE))
-        return EmbedResult(run_dir.stage_dir(STAGE), True, entry.rows, entry.metrics, 0.0)
+        return StageResult(run_dir.stage_dir(STAGE), True, entry.rows, entry.metrics, 0.0)
     items = read_items(items_path, cfg.embed)
     with run_dir.writing(STAGE) as out:
         emb, metrics = embed_items(cfg.embed, items)
@@ -135,7 +135,7 @@ def run(cfg: Config, run_dir: RunDir, force: bool = False) -> EmbedResult:
                                      rows=rows, metrics=metrics, wall_time_s=round(wall, 3),
                                      finished_at=now_iso()))
     log.info("embed: wrote %s (%d items, dims %s) in %.1f s", final, items.num_rows, metrics["dims"], wall)
-    return EmbedResult(final, False, rows, metrics, wall)
+    return StageResult(final, False, rows, metrics, wall)
 
 
 def read_items(path: Path, ecfg: EmbedConfig) -> pa.Table:

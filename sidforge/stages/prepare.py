@@ -27,7 +27,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from sidforge.platform.adapters import RawSource, load_source
-from sidforge.platform.artifacts import RunDir, StageEntry, fingerprint_files, fingerprint_tree, now_iso
+from sidforge.platform.artifacts import (
+    RunDir,
+    StageEntry,
+    StageResult,
+    fingerprint_files,
+    fingerprint_tree,
+    now_iso,
+)
 from sidforge.platform.config import Config
 from sidforge.platform.logs import (
     OFFICIAL_CODES,
@@ -46,20 +53,13 @@ log = logging.getLogger(__name__)
 STAGE = "prepare"
 
 
-@dataclass
-class PrepareResult:
-    out_dir: Path
-    skipped: bool
-    rows: dict[str, int]
-    metrics: dict[str, Any]
-    wall_time_s: float
 
 
 # ----------------------------------------------------------------------------------------------
 # entry point
 
 
-def run(cfg: Config, run_dir: RunDir, data_dir: Path, force: bool = False) -> PrepareResult:
+def run(cfg: Config, run_dir: RunDir, data_dir: Path, force: bool = False) -> StageResult:
     """Run (or skip) the prepare stage; returns what it wrote."""
     t0 = time.perf_counter()
     config_hash = stage_config_hash(cfg)
@@ -67,7 +67,7 @@ def run(cfg: Config, run_dir: RunDir, data_dir: Path, force: bool = False) -> Pr
     if not force and run_dir.is_current(STAGE, config_hash, inputs):
         entry = run_dir.read_manifest().stages[STAGE]
         log.info("prepare: inputs and config unchanged, skipping (%s)", run_dir.stage_dir(STAGE))
-        return PrepareResult(run_dir.stage_dir(STAGE), True, entry.rows, entry.metrics, 0.0)
+        return StageResult(run_dir.stage_dir(STAGE), True, entry.rows, entry.metrics, 0.0)
     with run_dir.writing(STAGE) as out:
         source = load_source(cfg, data_dir, out / "_staging")
         rows, metrics = _prepare(cfg, source, out)
@@ -78,7 +78,7 @@ def run(cfg: Config, run_dir: RunDir, data_dir: Path, force: bool = False) -> Pr
                                      rows=rows, metrics=metrics, wall_time_s=round(wall, 3),
                                      finished_at=now_iso()))
     log.info("prepare: wrote %s in %.1f s", final, wall)
-    return PrepareResult(final, False, rows, metrics, wall)
+    return StageResult(final, False, rows, metrics, wall)
 
 
 def stage_config_hash(cfg: Config) -> str:

@@ -37,7 +37,14 @@ import pyarrow.parquet as pq
 import torch
 
 from sidforge.models.sasrec import SASRec, SASRecConfig
-from sidforge.platform.artifacts import RunDir, StageEntry, fingerprint_files, fingerprint_tree, now_iso
+from sidforge.platform.artifacts import (
+    RunDir,
+    StageEntry,
+    StageResult,
+    fingerprint_files,
+    fingerprint_tree,
+    now_iso,
+)
 from sidforge.platform.config import Config
 from sidforge.platform.metrics import metrics_from_ranks, target_ranks
 from sidforge.platform.schemas import DataError
@@ -59,20 +66,13 @@ MONITOR = "valid/ndcg@10"
 ITEM_EMBEDDINGS = pa.schema([("item_id", pa.int64()), ("embedding", pa.list_(pa.float32())), ("norm", pa.float32())])
 
 
-@dataclass
-class SASRecResult:
-    out_dir: Path
-    skipped: bool
-    rows: dict[str, int]
-    metrics: dict[str, Any]
-    wall_time_s: float
 
 
 # ----------------------------------------------------------------------------------------------
 # entry point
 
 
-def run(cfg: Config, run_dir: RunDir, force: bool = False) -> SASRecResult:
+def run(cfg: Config, run_dir: RunDir, force: bool = False) -> StageResult:
     """Train SASRec on ``RUN/prepare`` (or skip when config and inputs are unchanged); see the module doc."""
     t0 = time.perf_counter()
     config_hash = stage_config_hash(cfg)
@@ -80,7 +80,7 @@ def run(cfg: Config, run_dir: RunDir, force: bool = False) -> SASRecResult:
     if not force and run_dir.is_current(STAGE, config_hash, inputs):
         entry = run_dir.read_manifest().stages[STAGE]
         log.info("sasrec: inputs and config unchanged, skipping (%s)", run_dir.stage_dir(STAGE))
-        return SASRecResult(run_dir.stage_dir(STAGE), True, entry.rows, entry.metrics, 0.0)
+        return StageResult(run_dir.stage_dir(STAGE), True, entry.rows, entry.metrics, 0.0)
     data = load_sequences(run_dir.stage_dir("prepare"), cfg.sasrec.max_len)
     train_run = _run_settings(cfg, run_dir, config_hash, inputs)
     config = loop_config(cfg, data)
@@ -98,7 +98,7 @@ def run(cfg: Config, run_dir: RunDir, force: bool = False) -> SASRecResult:
     run_dir.record(STAGE, StageEntry(config_hash=config_hash, inputs=inputs, outputs=fingerprint_tree(final),
                                      rows=rows, metrics=metrics, wall_time_s=round(wall, 3), finished_at=now_iso()))
     log.info("sasrec: wrote %s in %.1f s (test recall@10 %.4f)", final, wall, metrics["test"].get("recall@10", 0.0))
-    return SASRecResult(final, False, rows, metrics, wall)
+    return StageResult(final, False, rows, metrics, wall)
 
 
 _OPERATIONAL = ("cpus_per_worker", "max_failures")  # how a run is executed, not what it computes

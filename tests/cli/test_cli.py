@@ -77,3 +77,12 @@ def test_init_ray_starts_local_or_joins(monkeypatch, address, env, expect_local)
         assert calls["address"] == "local" and calls["num_cpus"] == 2
     else:
         assert calls["address"] == (address or env) and "num_cpus" not in calls
+
+
+def test_override_keeps_text_templates_as_text(capsys):
+    assert cli.main(["config", "-c", str(REPO / "configs/amazon-beauty.yaml"), "--set",
+                     "embed.text_template={title}. {brand}"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["embed"]["text_template"] == "{title}. {brand}"
+    assert cli.main(["config", "-c", str(REPO / "configs/amazon-beauty.yaml"), "--set",
+                     "embed.text_template={title}"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["embed"]["text_template"] == "{title}"
