@@ -37,7 +37,7 @@ def run_one(config: str, loss: str, seed: int, root: Path, overrides: list[str])
     res = sasrec.run(cfg, run)
     m = res.metrics
     return {"loss": loss, "seed": seed, "wall_s": round(time.perf_counter() - t0, 1),
-            "best_epoch": m.get("best_epoch"), "epochs_run": len(m.get("history", [])),
+            "best_epoch": m.get("best_epoch"), "epochs_run": m.get("epochs_run", len(m.get("history", []))),
             "test": m["test"], "valid": m["valid"]}
 
 
