@@ -451,16 +451,20 @@ def _of_kind(ds: Any, kinds: list[str], columns: list[str]) -> Any:
 def _to_rejects(t: pa.Table, users: pa.Array, items: pa.Array) -> pa.Table:
     """Rejected interaction rows with their source ids (mapped back through the vocabularies)."""
     n = t.num_rows
+    if n == 0:
+        return REJECTS.empty_table()
     uid = t.column("user_id").to_numpy(zero_copy_only=False)
     iid = t.column("item_id").to_numpy(zero_copy_only=False)
     raw = t.column("raw").to_pylist()
-    src_u = users.cast(pa.string()).to_pylist()
-    src_i = items.cast(pa.string()).to_pylist()
+    def source_ids(vocab: pa.Array, ids: np.ndarray) -> list:  # only the rejected rows' own ids
+        return vocab.take(np.maximum(ids, 0)).cast(pa.string()).to_pylist() if len(vocab) else [None] * n
+
+    src_u, src_i = source_ids(users, uid), source_ids(items, iid)
     user_col, item_col = [], []
     for k in range(n):
         ru, ri = raw[k].split("\t") if raw[k] is not None else (None, None)
-        user_col.append(src_u[uid[k]] if uid[k] >= 0 else (None if ru == "None" else ru))
-        item_col.append(src_i[iid[k]] if iid[k] >= 0 else (None if ri == "None" else ri))
+        user_col.append(src_u[k] if uid[k] >= 0 else (None if ru == "None" else ru))
+        item_col.append(src_i[k] if iid[k] >= 0 else (None if ri == "None" else ri))
     return pa.table({
         "source": pa.array(np.full(n, "interactions"), pa.string()),
         "user_id": pa.array(user_col, pa.string()), "item_id": pa.array(item_col, pa.string()),
