@@ -9,11 +9,9 @@ Stages run on an embedded local Ray cluster unless ``--address`` or ``RAY_ADDRES
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from sidforge.platform.config import Config, ConfigError, load_config
 from sidforge.platform.schemas import DataError
@@ -187,5 +185,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 if __name__ == "__main__":
     sys.exit(main())
 
-
-__all__ = ["main", "build_parser", "format_table", "json", "Path"]
