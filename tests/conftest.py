@@ -47,3 +47,14 @@ def tiny_config(tmp_path: Path):
         return load_config(REPO / "configs" / "tiny.yaml", [f"run_dir={tmp_path / 'run'}", *overrides])
 
     return make
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny tensors on a busy 2-core machine: one intra-op thread avoids OpenMP spin-wait."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

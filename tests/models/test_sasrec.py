@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,14 +16,7 @@ from sidforge.models.sasrec import SASRec, SASRecConfig, SASRecOutput, sample_ne
 N_ITEMS = 20
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Run on one intra-op thread: these tensors are tiny, and on a busy 2-core machine the OpenMP
-    spin-wait of two threads made the overfit tests up to ~100x slower (0.3 s -> 40 s)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_config(**overrides: object) -> SASRecConfig:
