@@ -274,6 +274,112 @@ class SASRecTrainConfig:
 
 
 @dataclass(frozen=True)
+class RQVAETrainConfig:
+    """RQ-VAE training (``tokenize.method=rqvae``); the model is TIGER's MLP auto-encoder.
+
+    Attributes:
+        hidden: encoder hidden widths (the decoder mirrors them).
+        latent_dim: width of the quantized latent.
+        beta: commitment weight.
+        dropout: MLP dropout.
+        lr, weight_decay: AdamW.
+        batch_size: items per step and per worker.
+        epochs: passes over the catalogue.
+        kmeans_init: initialise the codebooks by residual k-means on the first latents.
+        dead_code_min_usage: after each epoch, codes used by fewer items are moved onto live residuals
+            (0 turns re-initialisation off).
+        num_workers: Ray Train workers; 0 trains in the calling process.
+        cpus_per_worker: CPUs per worker (and its torch threads).
+        max_failures: worker-failure retries from the latest epoch checkpoint.
+    """
+
+    hidden: list[int] = field(default_factory=lambda: [512, 256, 128])
+    latent_dim: int = 32
+    beta: float = 0.25
+    dropout: float = 0.0
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 1024
+    epochs: int = 200
+    kmeans_init: bool = True
+    dead_code_min_usage: int = 1
+    num_workers: int = 0
+    cpus_per_worker: float = 1.0
+    max_failures: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("latent_dim", "batch_size", "epochs"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"tokenize.rqvae.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.hidden or any(h < 1 for h in self.hidden):
+            raise ConfigError(f"tokenize.rqvae.hidden must list positive layer widths, got {self.hidden}")
+        if self.lr <= 0 or self.weight_decay < 0 or self.beta < 0:
+            raise ConfigError("tokenize.rqvae.lr must be > 0, weight_decay >= 0 and beta >= 0")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"tokenize.rqvae.dropout must be in [0, 1), got {self.dropout}")
+        if self.dead_code_min_usage < 0:
+            raise ConfigError("tokenize.rqvae.dead_code_min_usage must be >= 0 (0 = never re-initialise)")
+        if self.num_workers < 0 or self.cpus_per_worker <= 0:
+            raise ConfigError("tokenize.rqvae.num_workers must be >= 0 and tokenize.rqvae.cpus_per_worker > 0")
+
+
+@dataclass(frozen=True)
+class TokenizeConfig:
+    """The tokenize stage: item embeddings → semantic IDs (``sidforge tokenize``).
+
+    Attributes:
+        method: ``rqvae`` (trained on Ray Train), ``rqkmeans`` (residual k-means with faiss) or
+            ``precomputed`` (an external item → SID table, e.g. LETTER's Beauty IDs).
+        name: output folder ``RUN/tokenize-<name>`` (default: the method), so several tokenizers of
+            one run sit side by side.
+        source: which embeddings: ``embed`` (``RUN/embed/item_embeddings.parquet``) or ``sasrec``
+            (the behavior embeddings ``RUN/sasrec/item_embeddings.parquet``).
+        modalities: embed modalities to concatenate (``[text]``, ``[text, image]``); empty = all.
+        levels: L codebooks.
+        codebook_size: K codes per level.
+        collision: ``digit`` (an extra disambiguation token, TIGER) or ``reassign`` (colliding items
+            move to the nearest free last-level code).
+        balanced: rqkmeans: size-balanced k-means (at most ceil(N/K) items per code).
+        kmeans_iters: Lloyd iterations of every k-means (rqkmeans, and the RQ-VAE initialisation).
+        path: precomputed: JSON ``{key: [codes or "<a_12>" tokens]}`` or Parquet/CSV with ``key`` and
+            ``codes`` columns; relative paths resolve against the data directory.
+        key: precomputed: which id the file uses: ``item_id`` (ours) or ``source_id`` (the dataset's).
+        seed: ``None`` uses the top-level ``seed``.
+        rqvae: RQ-VAE training settings.
+    """
+
+    method: Literal["rqvae", "rqkmeans", "precomputed"] = "rqvae"
+    name: str = ""
+    source: Literal["embed", "sasrec"] = "embed"
+    modalities: list[str] = field(default_factory=list)
+    levels: int = 3
+    codebook_size: int = 256
+    collision: Literal["digit", "reassign"] = "digit"
+    balanced: bool = False
+    kmeans_iters: int = 20
+    path: str = ""
+    key: Literal["item_id", "source_id"] = "item_id"
+    seed: Union[int, None] = None
+    rqvae: RQVAETrainConfig = field(default_factory=RQVAETrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.levels < 1 or self.codebook_size < 2:
+            raise ConfigError("tokenize.levels must be >= 1 and tokenize.codebook_size >= 2")
+        if self.kmeans_iters < 1:
+            raise ConfigError("tokenize.kmeans_iters must be >= 1")
+        if self.method == "precomputed" and not self.path:
+            raise ConfigError("tokenize.path is required for tokenize.method=precomputed (a JSON/Parquet/CSV "
+                              "item -> codes table)")
+        if self.name and not all(c.isalnum() or c in "-_" for c in self.name):
+            raise ConfigError(f"tokenize.name={self.name!r} may hold only letters, digits, '-' and '_'")
+
+    @property
+    def output_name(self) -> str:
+        """The stage (and folder) name: ``tokenize-<name or method>``."""
+        return f"tokenize-{self.name or self.method}"
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole experiment. Each YAML under ``configs/`` is one of these."""
 
@@ -285,6 +391,7 @@ class Config:
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     sasrec: SASRecTrainConfig = field(default_factory=SASRecTrainConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

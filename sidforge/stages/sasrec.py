@@ -13,7 +13,9 @@ uses each user's ``train`` part with a next-item target at every position (the m
 ``max_len + 1`` items); valid predicts the valid item from the train prefix; test predicts the test
 item from train + valid. Histories hold ``train`` (and ``valid``) interactions only: the ``heldout``
 interactions of cold items never reach the model. Candidates are the full catalogue; history items are
-kept unless ``sasrec.exclude_history`` (the published Beauty numbers keep them).
+kept unless ``sasrec.exclude_history`` (the published Beauty numbers keep them). The test split is also
+scored under the other protocol (``test_history_excluded`` or ``test_history_kept`` in the metrics), for
+comparison with figures published under it; selection never looks at either.
 
 Training checkpoints live in ``RUN/_train/sasrec-<config hash>-<inputs hash>/`` while the stage runs; a
 stage killed mid-training resumes from its last epoch when run again with the same config and inputs
@@ -88,7 +90,7 @@ def run(cfg: Config, run_dir: RunDir, force: bool = False) -> StageResult:
                  ScalingSettings(cfg.sasrec.num_workers, cpus_per_worker=cfg.sasrec.cpus_per_worker),
                  train_run, fresh=force)
     with run_dir.writing(STAGE) as out:
-        metrics = _write_outputs(out, result, data, config["model"])
+        metrics = _write_outputs(out, result, data, config["model"], config["exclude_history"])
     remove_run(train_run)
     _remove_if_empty(train_run.path.parent)
     rows = {"items": data.num_items, "train_sequences": len(data.train_inputs),
@@ -265,6 +267,9 @@ def train_sasrec(ctx: WorkerContext, config: dict[str, Any]) -> dict[str, Any]:
     return {
         "valid": evaluate(ctx, model, data.valid_hist, data.valid_target, ex, data.bucket[data.valid_target]),
         "test": evaluate(ctx, model, data.test_hist, data.test_target, ex, data.bucket[data.test_target]),
+        # the other candidate protocol, reported beside (never used for selection)
+        "test_other_protocol": evaluate(ctx, model, data.test_hist, data.test_target, not ex,
+                                        data.bucket[data.test_target]),
         "replicas_agree": in_sync,
     }
 
@@ -337,7 +342,8 @@ def evaluate(ctx: WorkerContext, model: SASRec, hist: np.ndarray, target: np.nda
 # outputs
 
 
-def _write_outputs(out: Path, result: FitResult, data: Sequences, model_config: dict[str, Any]) -> dict[str, Any]:
+def _write_outputs(out: Path, result: FitResult, data: Sequences, model_config: dict[str, Any],
+                   exclude_history: bool) -> dict[str, Any]:
     """Embeddings and model of the best epoch, and the metrics; returns the manifest metrics."""
     if result.best_checkpoint is None:
         raise RuntimeError(f"sasrec: the best checkpoint (epoch {result.best_epoch}) is missing under {result.path}")
@@ -351,8 +357,10 @@ def _write_outputs(out: Path, result: FitResult, data: Sequences, model_config: 
     torch.save({"config": model_config, "state_dict": state}, out / "model.pt")
     if not result.value["replicas_agree"]:
         raise RuntimeError("sasrec: the workers' model replicas diverged; gradients were not synchronised")
+    other = "test_history_kept" if exclude_history else "test_history_excluded"
     metrics = {"best_epoch": result.best_epoch, "epochs_run": len(result.history),
-               "stopped_early": result.stopped_early, "valid": result.value["valid"], "test": result.value["test"]}
+               "stopped_early": result.stopped_early, "valid": result.value["valid"], "test": result.value["test"],
+               other: result.value["test_other_protocol"]}
     (out / "metrics.json").write_text(json.dumps({**metrics, "history": result.history}, indent=2))
     return metrics
 

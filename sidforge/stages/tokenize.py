@@ -1,0 +1,548 @@
+"""The tokenize stage: item embeddings → semantic IDs, with collision handling and a quality report.
+
+Reads the item embeddings (``RUN/embed/item_embeddings.parquet``, the modalities in
+``tokenize.modalities`` concatenated; or the SASRec behavior embeddings) and writes
+``RUN/tokenize-<name>/``:
+
+- ``sids.parquet``: item_id, ``codes`` (list<int32>, L codes after collision handling), ``digit``
+  (the disambiguation digit, 0 when the codes alone are unique), ``sid`` (the unique ID downstream
+  models use: ``codes + [digit]`` with ``collision=digit``, ``codes`` with ``reassign``) and
+  ``version`` (tokenizer name and config hash);
+- ``tokenizer.json`` + ``tokenizer.safetensors``: what :func:`load_tokenizer` needs to assign IDs to
+  new items (no pickle);
+- ``quality.json`` and ``code_usage.png``: the quality report (see
+  :func:`sidforge.models.semantic_ids.quality`), also printed by ``sidforge tokenize``.
+
+Methods (``tokenize.method``), resolved once through :data:`FITTERS`:
+
+- ``rqkmeans``: residual k-means with faiss, optionally size-balanced;
+- ``rqvae``: TIGER's RQ-VAE trained with the shared Ray Train runner (in-process with
+  ``tokenize.rqvae.num_workers=0``); codebooks initialised by residual k-means, dead codes re-used;
+- ``precomputed``: an external item → codes table (LETTER's published Beauty IDs); it cannot assign
+  IDs to new items.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from sidforge.models.quantizers import RQVAE, RQVAEConfig, residual_kmeans
+from sidforge.models.semantic_ids import Resolved, quality, resolve_collisions
+from sidforge.platform.artifacts import (
+    RunDir,
+    StageEntry,
+    StageResult,
+    fingerprint_files,
+    fingerprint_tree,
+    now_iso,
+)
+from sidforge.platform.config import Config, TokenizeConfig
+from sidforge.platform.schemas import DataError
+from sidforge.platform.training import (
+    RunSettings,
+    ScalingSettings,
+    WorkerContext,
+    fit,
+    remove_run,
+    run_name,
+)
+
+log = logging.getLogger(__name__)
+
+SIDS = pa.schema([("item_id", pa.int64()), ("codes", pa.list_(pa.int32())), ("digit", pa.int32()),
+                  ("sid", pa.list_(pa.int32())), ("version", pa.string())])
+TOKENIZER_FORMAT = 1
+
+
+# ----------------------------------------------------------------------------------------------
+# the tokenizer artifact
+
+
+@dataclass
+class Tokenizer:
+    """A fitted tokenizer: assigns codes to embeddings and reconstructs embeddings from codes.
+
+    Attributes:
+        method: ``rqkmeans``, ``rqvae`` or ``precomputed``.
+        input_dim: width of the embeddings it takes (0 for precomputed).
+        levels, codebook_size: L and K.
+        codebooks: rqkmeans: (L, K, D) float32.
+        model: rqvae: the trained :class:`RQVAE` (eval mode).
+    """
+
+    method: str
+    input_dim: int
+    levels: int
+    codebook_size: int
+    codebooks: np.ndarray | None = None
+    model: RQVAE | None = None
+
+    def assign(self, embeddings: np.ndarray) -> np.ndarray:
+        """Codes of new items, deterministically: (N, input_dim) float → (N, L) int64.
+
+        Raises:
+            ValueError: the tokenizer cannot assign (precomputed), the embeddings have the wrong shape,
+                or contain NaN/inf.
+        """
+        x = self._check(embeddings)
+        if self.codebooks is not None:
+            return _residual_codes(x, self.codebooks)
+        assert self.model is not None
+        with torch.no_grad():
+            return self.model.encode(torch.from_numpy(x)).numpy().astype(np.int64)
+
+    def reconstruct(self, codes: np.ndarray) -> np.ndarray:
+        """Embeddings decoded from codes: (N, L) → (N, input_dim)."""
+        codes = np.asarray(codes, dtype=np.int64)
+        if self.codebooks is not None:
+            return self.codebooks[np.arange(self.levels), codes].sum(axis=1)
+        if self.model is None:
+            raise ValueError("a precomputed tokenizer has no codebooks to reconstruct from")
+        return self.model.reconstruct(torch.from_numpy(codes)).numpy()
+
+    def last_distances(self, embeddings: np.ndarray, codes: np.ndarray) -> np.ndarray:
+        """(N, K) squared distance of each item's last-level residual to every last-level code."""
+        x = self._check(embeddings)
+        if self.codebooks is not None:
+            books, z = self.codebooks, x
+        elif self.model is not None:
+            with torch.no_grad():
+                z = self.model.encoder(torch.from_numpy(x)).numpy()
+            books = self.model.quantizer.codebooks.detach().numpy()
+        else:
+            raise ValueError("a precomputed tokenizer has no codebooks")
+        residual = z - books[np.arange(self.levels - 1), codes[:, :-1]].sum(axis=1)  # what the last level sees
+        last = books[-1]
+        return ((residual**2).sum(1, keepdims=True) - 2.0 * residual @ last.T + (last**2).sum(1)[None]).clip(0.0)
+
+    def _check(self, embeddings: np.ndarray) -> np.ndarray:
+        if self.method == "precomputed":
+            raise ValueError("a precomputed tokenizer imports fixed IDs and cannot assign IDs to new items; "
+                             "use tokenize.method=rqvae or rqkmeans for cold-start items")
+        x = np.asarray(embeddings, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != self.input_dim:
+            raise ValueError(f"embeddings must have shape (N, {self.input_dim}), got {x.shape}; use the encoder "
+                             "and modalities this tokenizer was fitted on")
+        if not np.isfinite(x).all():
+            bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
+            raise ValueError(f"embeddings rows {bad[:5].tolist()} contain NaN or inf; fix or drop those items")
+        return np.ascontiguousarray(x)
+
+    def save(self, folder: Path, extra: dict[str, Any]) -> None:
+        """``tokenizer.json`` (settings) + ``tokenizer.safetensors`` (tensors): no pickle anywhere."""
+        from safetensors.torch import save_file
+
+        meta: dict[str, Any] = {"format": TOKENIZER_FORMAT, "method": self.method, "input_dim": self.input_dim,
+                                "levels": self.levels, "codebook_size": self.codebook_size, **extra}
+        tensors: dict[str, torch.Tensor] = {}
+        if self.codebooks is not None:
+            tensors["codebooks"] = torch.from_numpy(np.ascontiguousarray(self.codebooks))
+        if self.model is not None:
+            meta["rqvae"] = dataclasses.asdict(self.model.config)
+            tensors.update({k: v.detach().contiguous() for k, v in self.model.state_dict().items()})
+        (folder / "tokenizer.json").write_text(json.dumps(meta, indent=2))
+        if tensors:
+            save_file(tensors, str(folder / "tokenizer.safetensors"))
+
+
+def load_tokenizer(folder: str | Path) -> Tokenizer:
+    """Load what :meth:`Tokenizer.save` wrote (``RUN/tokenize-<name>``)."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    meta_path = folder / "tokenizer.json"
+    if not meta_path.is_file():
+        raise DataError(f"{meta_path} not found; run `sidforge tokenize` first")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != TOKENIZER_FORMAT:
+        raise DataError(f"{meta_path}: tokenizer format {meta.get('format')} is not {TOKENIZER_FORMAT}; re-run tokenize")
+    tok = Tokenizer(meta["method"], meta["input_dim"], meta["levels"], meta["codebook_size"])
+    if meta["method"] == "precomputed":
+        return tok
+    tensors = load_file(str(folder / "tokenizer.safetensors"))
+    if meta["method"] == "rqkmeans":
+        tok.codebooks = tensors["codebooks"].numpy()
+    else:
+        rq = meta["rqvae"]
+        model = RQVAE(RQVAEConfig(**{**rq, "hidden": tuple(rq["hidden"])}))
+        model.load_state_dict(tensors)
+        tok.model = model.eval()
+    return tok
+
+
+def _residual_codes(x: np.ndarray, codebooks: np.ndarray) -> np.ndarray:
+    from sidforge.models.quantizers import nearest_codes
+
+    residual = x.copy()
+    codes = []
+    for book in codebooks:
+        c = nearest_codes(residual, book)
+        codes.append(c)
+        residual -= book[c]
+    return np.stack(codes, axis=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# entry point
+
+
+def run(cfg: Config, run_dir: RunDir, data_dir: Path | None = None, force: bool = False) -> StageResult:
+    """Fit the tokenizer in ``cfg.tokenize`` (or skip when config and inputs are unchanged)."""
+    t0 = time.perf_counter()
+    tcfg = cfg.tokenize
+    stage = tcfg.output_name
+    config_hash = stage_config_hash(cfg)
+    inputs = _input_fingerprints(tcfg, run_dir, data_dir)
+    if not force and run_dir.is_current(stage, config_hash, inputs):
+        entry = run_dir.read_manifest().stages[stage]
+        log.info("%s: inputs and config unchanged, skipping", stage)
+        return StageResult(run_dir.stage_dir(stage), True, entry.rows, entry.metrics, 0.0)
+    seed = cfg.seed if tcfg.seed is None else tcfg.seed
+    fitted = FITTERS[tcfg.method](cfg, run_dir, data_dir, seed, config_hash, force)
+    resolved = resolve_collisions(tcfg.collision, fitted.codes, fitted.last_distances)
+    report = quality(fitted.codes, fitted.codebook_size, fitted.x, fitted.x_hat)
+    report.update({"method": tcfg.method, "collision": tcfg.collision, "reassigned": resolved.reassigned,
+                   "unique_after": _unique_share(resolved.sids()), "sid_length": int(resolved.sids().shape[1]), **fitted.extra})
+    version = f"{stage}:{config_hash}"
+    with run_dir.writing(stage) as out:
+        _write_sids(out / "sids.parquet", fitted.item_id, resolved, version)
+        fitted.tokenizer.save(out, {"version": version, "collision": tcfg.collision, "source": tcfg.source,
+                                    "modalities": fitted.modalities})
+        (out / "quality.json").write_text(json.dumps(report, indent=2))
+        plot_code_usage(fitted.codes, fitted.codebook_size, out / "code_usage.png", title=stage)
+    wall = time.perf_counter() - t0
+    final = run_dir.stage_dir(stage)
+    rows = {"items": len(fitted.item_id), "levels": int(fitted.codes.shape[1])}
+    run_dir.record(stage, StageEntry(config_hash=config_hash, inputs=inputs, outputs=fingerprint_tree(final),
+                                     rows=rows, metrics=report, wall_time_s=round(wall, 3), finished_at=now_iso()))
+    log.info("%s: wrote %s in %.1f s (collision rate %.4f)", stage, final, wall, report["collision_rate"])
+    return StageResult(final, False, rows, report, wall)
+
+
+def stage_config_hash(cfg: Config) -> str:
+    """Hash of what the IDs depend on: the ``tokenize`` section (minus operational keys) and the seed."""
+    section = dataclasses.asdict(cfg.tokenize)
+    for key in ("num_workers", "cpus_per_worker", "max_failures"):
+        section["rqvae"].pop(key)
+    if cfg.tokenize.method != "rqvae":
+        section.pop("rqvae")
+    payload = json.dumps({"tokenize": section, "seed": cfg.seed}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _source_path(tcfg: TokenizeConfig, run_dir: RunDir) -> Path:
+    return run_dir.stage_dir(tcfg.source) / "item_embeddings.parquet"
+
+
+def _precomputed_path(tcfg: TokenizeConfig, data_dir: Path | None) -> Path:
+    path = Path(tcfg.path).expanduser()
+    if not path.is_absolute() and data_dir is not None and not path.exists():
+        path = Path(data_dir) / path
+    if not path.is_file():
+        raise DataError(f"tokenize.path: {tcfg.path!r} not found (relative paths resolve against the data "
+                        f"directory {data_dir})")
+    return path
+
+
+def _input_fingerprints(tcfg: TokenizeConfig, run_dir: RunDir, data_dir: Path | None) -> dict[str, str]:
+    items = run_dir.stage_dir("prepare") / "items.parquet"
+    if tcfg.method == "precomputed":
+        if not items.is_file():
+            raise DataError(f"{items} not found; run `sidforge prepare` first")
+        out = fingerprint_files([items], root=run_dir.path)
+        out.update(fingerprint_files([_precomputed_path(tcfg, data_dir)]))
+        return out
+    src = _source_path(tcfg, run_dir)
+    if not src.is_file():
+        hint = "sidforge embed" if tcfg.source == "embed" else "sidforge train sasrec"
+        raise DataError(f"{src} not found; run `{hint}` first (tokenize.source={tcfg.source})")
+    return fingerprint_files([src], root=run_dir.path)
+
+
+# ----------------------------------------------------------------------------------------------
+# inputs
+
+
+def load_matrix(tcfg: TokenizeConfig, run_dir: RunDir) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """``(item_id (N,), X (N, D) float32, modalities)`` from the configured embeddings."""
+    path = _source_path(tcfg, run_dir)
+    table = pq.read_table(path)
+    item_id = table.column("item_id").to_numpy()
+    if tcfg.source == "sasrec":
+        x = np.asarray(table.column("embedding").to_pylist(), dtype=np.float32)
+        return item_id, x, ["behavior"]
+    from sidforge.stages.embed import ItemEmbeddings
+
+    emb = ItemEmbeddings.from_table(table)
+    modalities = list(tcfg.modalities) or list(emb.vectors)
+    missing = [m for m in modalities if m not in emb.vectors]
+    if missing:
+        raise DataError(f"tokenize.modalities: {missing} not in {path} (it has {sorted(emb.vectors)})")
+    x = np.concatenate([emb.vectors[m] for m in modalities], axis=1)
+    if not np.isfinite(x).all():
+        raise DataError(f"{path}: embeddings contain NaN or inf; re-run `sidforge embed`")
+    return item_id, x, modalities
+
+
+# ----------------------------------------------------------------------------------------------
+# fitters
+
+
+@dataclass
+class Fitted:
+    """What a fitter hands back: codes of every item and the tokenizer that made them."""
+
+    item_id: np.ndarray
+    codes: np.ndarray
+    codebook_size: int
+    tokenizer: Tokenizer
+    modalities: list[str]
+    x: np.ndarray | None = None
+    x_hat: np.ndarray | None = None
+    last_distances: np.ndarray | None = None
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def _check_catalogue(n: int, tcfg: TokenizeConfig) -> None:
+    if n < tcfg.codebook_size:
+        raise DataError(f"{n} items cannot fill tokenize.codebook_size={tcfg.codebook_size} codes; lower it")
+
+
+def fit_rqkmeans(cfg: Config, run_dir: RunDir, data_dir: Path | None, seed: int, config_hash: str,
+                 force: bool) -> Fitted:
+    """Residual k-means (faiss) over the embeddings."""
+    tcfg = cfg.tokenize
+    item_id, x, modalities = load_matrix(tcfg, run_dir)
+    _check_catalogue(len(x), tcfg)
+    books, codes = residual_kmeans(x, tcfg.levels, tcfg.codebook_size, niter=tcfg.kmeans_iters, seed=seed,
+                                   balanced=tcfg.balanced)
+    tok = Tokenizer("rqkmeans", x.shape[1], tcfg.levels, tcfg.codebook_size, codebooks=books)
+    return Fitted(item_id, codes, tcfg.codebook_size, tok, modalities, x, tok.reconstruct(codes),
+                  tok.last_distances(x, codes))
+
+
+def fit_rqvae(cfg: Config, run_dir: RunDir, data_dir: Path | None, seed: int, config_hash: str,
+              force: bool) -> Fitted:
+    """TIGER's RQ-VAE, trained with the shared Ray Train runner."""
+    tcfg, rcfg = cfg.tokenize, cfg.tokenize.rqvae
+    item_id, x, modalities = load_matrix(tcfg, run_dir)
+    _check_catalogue(len(x), tcfg)
+    model_cfg = RQVAEConfig(input_dim=x.shape[1], hidden=tuple(rcfg.hidden), latent_dim=rcfg.latent_dim,
+                            num_levels=tcfg.levels, codebook_size=tcfg.codebook_size, beta=rcfg.beta,
+                            dropout=rcfg.dropout)
+    inputs_hash = hashlib.sha256(json.dumps(_input_fingerprints(tcfg, run_dir, data_dir)).encode()).hexdigest()
+    train_run = RunSettings(name=run_name(tcfg.output_name, config_hash, inputs_hash),
+                            storage_path=run_dir.path / "_train", max_failures=rcfg.max_failures,
+                            checkpoints_to_keep=2)
+    loop = {"model": dataclasses.asdict(model_cfg), "lr": rcfg.lr, "weight_decay": rcfg.weight_decay,
+            "batch_size": rcfg.batch_size, "epochs": rcfg.epochs, "kmeans_init": rcfg.kmeans_init,
+            "kmeans_iters": tcfg.kmeans_iters, "dead_code_min_usage": rcfg.dead_code_min_usage, "seed": seed,
+            "x": x}
+    result = fit(train_rqvae, loop, ScalingSettings(rcfg.num_workers, cpus_per_worker=rcfg.cpus_per_worker),
+                 train_run, fresh=force)
+    if not result.value["replicas_agree"]:
+        raise RuntimeError("rqvae: the workers' model replicas diverged (codebooks must be re-initialised "
+                           "identically on every rank)")
+    model = RQVAE(model_cfg)
+    model.load_state_dict(result.value["state"])
+    model.eval()
+    remove_run(train_run)
+    tok = Tokenizer("rqvae", x.shape[1], tcfg.levels, tcfg.codebook_size, model=model)
+    codes = tok.assign(x)
+    last = result.history[-1] if result.history else {}
+    extra = {"epochs": len(result.history), "final_loss": last.get("loss"),
+             "dead_codes_reset": int(sum(r.get("dead_reset", 0) for r in result.history)),
+             "workers": rcfg.num_workers}
+    return Fitted(item_id, codes, tcfg.codebook_size, tok, modalities, x, tok.reconstruct(codes),
+                  tok.last_distances(x, codes), extra)
+
+
+_TOKEN = re.compile(r"^<?[A-Za-z]*_?(\d+)>?$")
+
+
+def fit_precomputed(cfg: Config, run_dir: RunDir, data_dir: Path | None, seed: int, config_hash: str,
+                    force: bool) -> Fitted:
+    """Import an external item → codes table; every catalogue item must be in it."""
+    tcfg = cfg.tokenize
+    path = _precomputed_path(tcfg, data_dir)
+    keys, rows = _read_code_table(path)
+    items = pq.read_table(run_dir.stage_dir("prepare") / "items.parquet", columns=["item_id", "source_id"])
+    item_id = items.column("item_id").to_numpy()
+    wanted = [str(v) for v in items.column(tcfg.key).to_pylist()]
+    lookup = dict(zip(keys, rows))
+    missing = [w for w in wanted if w not in lookup]
+    if missing:
+        raise DataError(f"{path}: {len(missing)} of {len(wanted)} catalogue items have no codes (first "
+                        f"{tcfg.key}s: {missing[:5]}); check tokenize.key (item_id or source_id)")
+    lengths = {len(lookup[w]) for w in wanted}
+    if len(lengths) != 1:
+        raise DataError(f"{path}: code lists have different lengths {sorted(lengths)}; every item needs L codes")
+    codes = np.asarray([lookup[w] for w in wanted], dtype=np.int64)
+    k = max(int(codes.max()) + 1, tcfg.codebook_size)
+    tok = Tokenizer("precomputed", 0, codes.shape[1], k)
+    return Fitted(item_id, codes, k, tok, [], extra={"path": str(path)})
+
+
+def _read_code_table(path: Path) -> tuple[list[str], list[list[int]]]:
+    """Keys (as text) and code lists from JSON ``{key: [...]}`` or a Parquet/CSV ``key, codes`` table."""
+    def parse(token: Any, where: str) -> int:
+        if isinstance(token, (int, np.integer)):
+            return int(token)
+        m = _TOKEN.match(str(token).strip())
+        if not m:
+            raise DataError(f"{path}: {where}: code {token!r} is neither an integer nor a token like '<a_12>'")
+        return int(m.group(1))
+
+    if path.suffix == ".json":
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise DataError(f"{path}: expected a JSON object {{item key: [codes]}}")
+        keys = [str(k) for k in data]
+        return keys, [[parse(t, f"key {k}") for t in v] for k, v in data.items()]
+    if path.suffix == ".parquet":
+        table = pq.read_table(path)
+    elif path.suffix == ".csv":
+        import pyarrow.csv as pcsv
+
+        table = pcsv.read_csv(path)
+    else:
+        raise DataError(f"{path}: unsupported code table; use .json, .parquet or .csv")
+    for col in ("key", "codes"):
+        if col not in table.column_names:
+            raise DataError(f"{path}: missing column {col!r} (need key, codes)")
+    codes = table.column("codes").to_pylist()
+    if codes and isinstance(codes[0], str):
+        codes = [c.split("|") for c in codes]
+    keys = [str(k) for k in table.column("key").to_pylist()]
+    return keys, [[parse(t, f"key {k}") for t in c] for k, c in zip(keys, codes)]
+
+
+FITTERS: dict[str, Callable[..., Fitted]] = {
+    "rqkmeans": fit_rqkmeans,
+    "rqvae": fit_rqvae,
+    "precomputed": fit_precomputed,
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# RQ-VAE per-worker loop
+
+
+def train_rqvae(ctx: WorkerContext, config: dict[str, Any]) -> dict[str, Any]:
+    """Per-worker loop: k-means init, epochs over this rank's shard, dead-code re-use after each epoch."""
+    x = torch.from_numpy(config["x"])
+    torch.manual_seed(config["seed"])
+    mcfg = config["model"]
+    model = RQVAE(RQVAEConfig(**{**mcfg, "hidden": tuple(mcfg["hidden"])}))
+    state = ctx.load_checkpoint()
+    if state is not None:
+        model.load_state_dict(state["model"])
+    elif config["kmeans_init"]:
+        _kmeans_init(model, x, config)  # deterministic: every rank computes the same codebooks
+    step = ctx.prepare_model(model, method="loss")
+    opt = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+    if state is not None:
+        opt.load_state_dict(state["opt"])
+    for epoch in ctx.epochs(config["epochs"]):
+        torch.manual_seed(config["seed"] + 7919 * epoch + ctx.rank)
+        step.train()
+        order = ctx.shard(len(x), seed=config["seed"] + epoch)
+        totals = {"loss": 0.0, "recon": 0.0}
+        batches = [order[i : i + config["batch_size"]] for i in range(0, len(order), config["batch_size"])]
+        for rows in batches:
+            out = step(x[rows].to(ctx.device))
+            opt.zero_grad(set_to_none=True)
+            out.loss.backward()
+            opt.step()
+            totals["loss"] += float(out.loss.detach())
+            totals["recon"] += float(out.metrics["recon"])
+        metrics: dict[str, Any] = {k: v / max(len(batches), 1) for k, v in totals.items()}
+        if config["dead_code_min_usage"] > 0:
+            model.eval()
+            with torch.no_grad():
+                z = model.encoder(x.to(ctx.device))
+                g = torch.Generator().manual_seed(config["seed"] + epoch)
+                metrics["dead_reset"] = int(model.quantizer.reset_dead_codes(z, config["dead_code_min_usage"], g).sum())
+        ctx.report(epoch, metrics, lambda: {"model": model.state_dict(), "opt": opt.state_dict()})
+    return {"state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "replicas_agree": ctx.replicas_agree(model)}
+
+
+def _kmeans_init(model: RQVAE, x: torch.Tensor, config: dict[str, Any]) -> None:
+    with torch.no_grad():
+        z = model.encoder(x).numpy()
+    q = model.quantizer
+    books, _ = residual_kmeans(z, q.num_levels, q.codebook_size, niter=config["kmeans_iters"], seed=config["seed"])
+    q.init_from(torch.from_numpy(books))
+
+
+# ----------------------------------------------------------------------------------------------
+# outputs
+
+
+def _unique_share(sids: np.ndarray) -> float:
+    return float(len(np.unique(sids, axis=0)) / max(len(sids), 1))
+
+
+def _write_sids(path: Path, item_id: np.ndarray, resolved: Resolved, version: str) -> None:
+    sids = resolved.sids()
+    if _unique_share(sids) < 1.0:  # every resolver guarantees this; never write ambiguous IDs
+        raise RuntimeError(f"{path}: collision handling left duplicate IDs")
+    table = pa.table({
+        "item_id": pa.array(item_id, pa.int64()),
+        "codes": pa.array(list(resolved.codes.astype(np.int32)), pa.list_(pa.int32())),
+        "digit": pa.array(resolved.digit.astype(np.int32), pa.int32()),
+        "sid": pa.array(list(sids.astype(np.int32)), pa.list_(pa.int32())),
+        "version": pa.array([version] * len(item_id), pa.string()),
+    }, schema=SIDS)
+    pq.write_table(table, path)
+
+
+def load_sids(folder: str | Path) -> pa.Table:
+    """The ``sids`` table of a tokenizer run (``RUN/tokenize-<name>``)."""
+    path = Path(folder) / "sids.parquet"
+    if not path.is_file():
+        raise DataError(f"{path} not found; run `sidforge tokenize` first")
+    return pq.read_table(path)
+
+
+def plot_code_usage(codes: np.ndarray, codebook_size: int, path: Path, title: str = "") -> None:
+    """One panel per level: items per code, codes sorted by usage (a flat curve is a well-used codebook)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    levels = codes.shape[1]
+    fig, axes = plt.subplots(1, levels, figsize=(3.2 * levels, 2.8), squeeze=False, sharey=True)
+    for level, ax in enumerate(axes[0]):
+        counts = np.sort(np.bincount(codes[:, level], minlength=codebook_size))[::-1]
+        used = (counts > 0).mean()
+        ax.bar(np.arange(codebook_size), counts, width=1.0, color="tab:blue")
+        ax.axhline(len(codes) / codebook_size, color="tab:red", lw=1, ls="--", label="uniform")
+        ax.set_title(f"level {level + 1}: {used:.0%} used", fontsize=9)
+        ax.set_xlabel("code (sorted by usage)", fontsize=8)
+        if level == 0:
+            ax.set_ylabel("items", fontsize=8)
+            ax.legend(fontsize=7)
+    fig.suptitle(f"{title} code usage per level", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
