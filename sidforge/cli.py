@@ -1,6 +1,7 @@
 """The ``sidforge`` command.
 
     sidforge prepare --config configs/amazon-beauty.yaml [--set prepare.coclick.window=5]
+    sidforge tokenize --config configs/amazon-beauty.yaml --method rqkmeans
     sidforge data list | sidforge data pull amazon-beauty-2014
 
 Stages run on an embedded local Ray cluster unless ``--address`` or ``RAY_ADDRESS`` names one.
@@ -42,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a model stage on Ray Train (after prepare)")
     p.add_argument("model", choices=["sasrec"], help="which trainer")
+    _add_common(p)
+
+    p = sub.add_parser("tokenize", help="semantic IDs from item embeddings, with a quality report (after embed)")
+    p.add_argument("--method", choices=["rqvae", "rqkmeans", "precomputed"],
+                   help="tokenizer (default: the config's tokenize.method)")
     _add_common(p)
 
     p = sub.add_parser("config", help="print the resolved config as YAML")
@@ -124,6 +130,41 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tokenize(args: argparse.Namespace) -> int:
+    from sidforge.platform.artifacts import RunDir
+    from sidforge.platform.datasets import resolve_data_dir
+    from sidforge.platform.runtime import init_ray
+    from sidforge.stages import tokenize
+
+    if args.method:
+        args.overrides = [f"tokenize.method={args.method}", *args.overrides]
+    cfg = _config(args)
+    if cfg.tokenize.rqvae.num_workers > 0 or args.address:
+        init_ray(args.address)
+    result = tokenize.run(cfg, RunDir(cfg.run_dir), resolve_data_dir(args.data_dir), force=args.force)
+    status = "unchanged (skipped)" if result.skipped else f"done in {result.wall_time_s:.1f} s"
+    print(f"tokenize {cfg.tokenize.method}: {status} -> {result.out_dir}")
+    print(format_table(quality_rows(result.metrics), ("figure", "value")))
+    return 0
+
+
+def quality_rows(q: dict) -> list[tuple[str, str]]:
+    """The tokenizer quality report as (figure, value) rows."""
+    def levels(key: str, fmt: str) -> str:
+        return " / ".join(format(v, fmt) for v in q.get(key, []))
+
+    rows = [("items", f"{int(q['items']):,}"), ("utilization per level", levels("utilization", ".1%")),
+            ("entropy per level (bits)", levels("entropy", ".2f")),
+            ("collision rate (before)", f"{q['collision_rate']:.2%}"),
+            ("items needing a digit", f"{q['duplicate_rate']:.2%}"),
+            ("largest shared ID", f"{int(q['max_group'])}"),
+            ("unique prefix per level", levels("unique_prefix", ".1%")),
+            ("unique after collision step", f"{q['unique_after']:.1%}"), ("ID length", f"{q['sid_length']}")]
+    if "recon_rel" in q:
+        rows.insert(1, ("relative reconstruction error", f"{q['recon_rel']:.4f}"))
+    return rows
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from sidforge.platform.config import dump_config
 
@@ -159,7 +200,8 @@ def format_table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str
     return "\n".join(lines)
 
 
-COMMANDS = {"prepare": cmd_prepare, "embed": cmd_embed, "train": cmd_train, "config": cmd_config, "data": cmd_data}
+COMMANDS = {"prepare": cmd_prepare, "embed": cmd_embed, "train": cmd_train, "tokenize": cmd_tokenize,
+            "config": cmd_config, "data": cmd_data}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -4,6 +4,7 @@ LETTER-style imports, bad input, and one 2-worker RQ-VAE run."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -166,3 +167,17 @@ def test_rqvae_on_two_workers_matches_the_in_process_quality(ray_cluster, run, t
     # and the saved model reproduces the stored IDs
     tok = tokenize.load_tokenizer(two.out_dir)
     assert np.array_equal(tok.assign(x), np.array(sids.column("codes").to_pylist()))
+
+
+def test_cli_tokenize_prints_the_quality_table_and_names_missing_inputs(run, tiny_config, capsys, tmp_path):
+    from sidforge import cli
+
+    run_dir, _, _ = run
+    config = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
+    small = [a for s in SMALL for a in ("--set", s)]
+    assert cli.main(["tokenize", "-c", str(config), "--run-dir", str(run_dir.path), "--method", "rqkmeans",
+                     *small]) == 0
+    out = capsys.readouterr().out
+    assert "tokenize rqkmeans: done" in out and "collision rate (before)" in out and "utilization per level" in out
+    assert cli.main(["tokenize", "-c", str(config), "--run-dir", str(tmp_path / "empty"), "--method", "rqkmeans"]) == 2
+    assert "run `sidforge embed` first" in capsys.readouterr().err
