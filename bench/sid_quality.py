@@ -1,13 +1,13 @@
 """Tokenizers side by side: quality and wall time on a benchmark, and RQ-KMeans at 1 M items.
 
-    python bench/tokenize.py --config configs/amazon-beauty.yaml          # after prepare + embed
-    python bench/tokenize.py --skip-benchmark --synthetic-items 1000000   # the scale check only
+    python bench/sid_quality.py --config configs/amazon-beauty.yaml          # after prepare + embed
+    python bench/sid_quality.py --skip-benchmark --synthetic-items 1000000   # the scale check only
 
 On the benchmark run directory it fits RQ-KMeans and RQ-VAE (3 × 256 by default, the config's
 ``tokenize`` section otherwise) through the tokenize stage, imports LETTER's published IDs when
 ``--letter`` names them, and prints the quality table of each. At scale it times residual k-means
 (faiss) on synthetic clustered 384-d vectors: fit (3 levels) and assignment of every item. Results go
-to bench/results/tokenize.json.
+to bench/results/sid_quality.json.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def main() -> None:
     ap.add_argument("--skip-benchmark", action="store_true")
     ap.add_argument("--synthetic-items", type=int, default=1_000_000, help="0 skips the scale check")
     ap.add_argument("--dim", type=int, default=384)
-    ap.add_argument("--out", default="bench/results/tokenize.json")
+    ap.add_argument("--out", default="bench/results/sid_quality.json")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     import faiss
