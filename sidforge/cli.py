@@ -2,6 +2,8 @@
 
     sidforge prepare --config configs/amazon-beauty.yaml [--set prepare.coclick.window=5]
     sidforge tokenize --config configs/amazon-beauty.yaml --method rqkmeans
+    sidforge train generative --config configs/amazon-beauty.yaml --sids runs/amazon-beauty/tokenize-rqvae
+    sidforge evaluate --model runs/amazon-beauty/generative-rqvae
     sidforge data list | sidforge data pull amazon-beauty-2014
 
 Stages run on an embedded local Ray cluster unless ``--address`` or ``RAY_ADDRESS`` names one.
@@ -42,8 +44,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
 
     p = sub.add_parser("train", help="train a model stage on Ray Train (after prepare)")
-    p.add_argument("model", choices=["sasrec"], help="which trainer")
+    p.add_argument("model", choices=["sasrec", "generative"], help="which trainer")
+    p.add_argument("--sids", help="generative: the IDs' folder RUN/tokenize-<name> (default: the config's "
+                                  "tokenize output in the run directory)")
     _add_common(p)
+
+    p = sub.add_parser("evaluate", help="re-score a trained generative model on its run's test split")
+    p.add_argument("--model", required=True, help="the model's stage folder, RUN/generative-<name>")
+    p.add_argument("--beam-size", type=int, help="beam width (default: the one it was trained with)")
+    p.add_argument("--top-k", type=int, help="ranked-list length (default: the one it was trained with)")
+    p.add_argument("--batch-size", type=int, help="users per beam-search batch")
 
     p = sub.add_parser("tokenize", help="semantic IDs from item embeddings, with a quality report (after embed)")
     p.add_argument("--method", choices=["rqvae", "rqkmeans", "precomputed"],
@@ -109,24 +119,53 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from sidforge.platform.artifacts import RunDir
     from sidforge.platform.runtime import init_ray
-    from sidforge.stages import sasrec
 
     cfg = _config(args)
-    if cfg.sasrec.num_workers > 0 or args.address:
-        init_ray(args.address)
-    result = sasrec.run(cfg, RunDir(cfg.run_dir), force=args.force)
+    run_dir = RunDir(cfg.run_dir)
+    if args.model == "generative":
+        from sidforge.stages import generative
+
+        if cfg.generative.num_workers > 0 or args.address:
+            init_ray(args.address)
+        sids = Path(args.sids) if args.sids else run_dir.stage_dir(cfg.tokenize.output_name)
+        result = generative.run(cfg, run_dir, sids, force=args.force)
+    else:
+        from sidforge.stages import sasrec
+
+        if cfg.sasrec.num_workers > 0 or args.address:
+            init_ray(args.address)
+        result = sasrec.run(cfg, run_dir, force=args.force)
     status = "unchanged (skipped)" if result.skipped else f"trained in {result.wall_time_s:.1f} s"
     print(f"train {args.model}: {status} -> {result.out_dir}")
-    test = result.metrics.get("test", {})
-    keys = [k for k in ("recall@5", "ndcg@5", "recall@10", "ndcg@10", "recall@20", "ndcg@20") if k in test]
-    rows = [("valid", *(f"{result.metrics.get('valid', {}).get(k, float('nan')):.4f}" for k in keys)),
-            ("test", *(f"{test[k]:.4f}" for k in keys))]
+    splits = {"valid": result.metrics.get("valid", {}), "test": result.metrics.get("test", {})}
+    keys = ("recall@5", "ndcg@5", "recall@10", "ndcg@10", "recall@20", "ndcg@20")
+    print(format_table(*metric_rows(splits, keys)))
+    return 0
+
+
+def metric_rows(splits: dict[str, dict], keys: Sequence[str]) -> tuple[list[tuple[str, ...]], tuple[str, ...]]:
+    """Retrieval metrics as table rows: one per split, then the last split per popularity bucket."""
+    last = splits[list(splits)[-1]]
+    keys = [k for k in keys if k in last]
+    rows = [(name, *(f"{m.get(k, float('nan')):.4f}" for k in keys)) for name, m in splits.items()]
     for bucket in ("head", "torso", "tail", "cold"):
-        if f"recall@10/{bucket}" in test:
-            rows.append((f"test/{bucket}", *(f"{test.get(f'{k}/{bucket}', float('nan')):.4f}" for k in keys)))
-    print(format_table(rows, ("split", *keys)))
+        if f"count/{bucket}" in last:
+            rows.append((f"{list(splits)[-1]}/{bucket}", *(f"{last.get(f'{k}/{bucket}', float('nan')):.4f}"
+                                                           for k in keys)))
+    return rows, ("split", *keys)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from sidforge.stages import generative
+
+    test = generative.evaluate_saved(args.model, args.beam_size, args.top_k, args.batch_size)
+    keys = [f"{m}@{k}" for k in (5, 10, 20, 50) for m in ("recall", "ndcg")]
+    print(f"evaluate {args.model}: {test['count']:,} test cases")
+    print(format_table(*metric_rows({"test": test}, keys)))
     return 0
 
 
@@ -201,7 +240,7 @@ def format_table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str
 
 
 COMMANDS = {"prepare": cmd_prepare, "embed": cmd_embed, "train": cmd_train, "tokenize": cmd_tokenize,
-            "config": cmd_config, "data": cmd_data}
+            "evaluate": cmd_evaluate, "config": cmd_config, "data": cmd_data}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

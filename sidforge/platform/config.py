@@ -380,6 +380,73 @@ class TokenizeConfig:
 
 
 @dataclass(frozen=True)
+class GenerativeTrainConfig:
+    """Generative retrieval over semantic IDs (``sidforge train generative --sids RUN/tokenize-<name>``).
+
+    Attributes:
+        d_model, layers, heads, head_dim, ffn, dropout: the TIGER encoder–decoder (``layers`` blocks
+            each side; attention width ``heads * head_dim``, which need not equal ``d_model``).
+        max_history: most recent items of a history (TIGER: 20).
+        user_tokens: user-hash buckets (one extra encoder token); 0 turns the user token off.
+        lr, weight_decay: AdamW.
+        batch_size: training examples per step and per worker.
+        epochs: epoch budget; ``patience`` evaluations without a better valid NDCG@10 stop earlier.
+        beam_size: live prefixes kept per step of the constrained beam search.
+        top_k: length of each user's ranked list (may exceed ``beam_size``); Recall/NDCG are reported
+            at the cut-offs 5, 10, 20, 50 that do not exceed it.
+        eval_users: valid users scored after each epoch for early stopping (a fixed random subsample;
+            0 = all); the best epoch is then scored on every valid and test user.
+        eval_batch_size: users per beam-search batch.
+        num_workers: Ray Train workers; 0 trains in the calling process.
+        cpus_per_worker: CPUs per worker (and its torch threads).
+        max_failures: worker-failure retries from the latest epoch checkpoint.
+        seed: model init, shuffling and the valid subsample; ``None`` uses the top-level ``seed``.
+    """
+
+    d_model: int = 128
+    layers: int = 4
+    heads: int = 6
+    head_dim: int = 64
+    ffn: int = 1024
+    dropout: float = 0.1
+    max_history: int = 20
+    user_tokens: int = 0
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 256
+    epochs: int = 200
+    patience: int = 10
+    beam_size: int = 20
+    top_k: int = 50
+    eval_users: int = 2000
+    eval_batch_size: int = 128
+    num_workers: int = 0
+    cpus_per_worker: float = 1.0
+    max_failures: int = 1
+    seed: Union[int, None] = None
+
+    def __post_init__(self) -> None:
+        for name in ("d_model", "layers", "heads", "head_dim", "ffn", "max_history", "batch_size", "epochs",
+                     "patience", "beam_size", "top_k", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"generative.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"generative.dropout must be in [0, 1), got {self.dropout}")
+        if self.user_tokens < 0 or self.eval_users < 0:
+            raise ConfigError("generative.user_tokens and generative.eval_users must be >= 0 "
+                              "(0 = no user token / every valid user)")
+        if self.lr <= 0 or self.weight_decay < 0:
+            raise ConfigError("generative.lr must be > 0 and generative.weight_decay >= 0")
+        if self.top_k < 5:
+            raise ConfigError(f"generative.top_k={self.top_k} must be >= 5, the smallest reported cut-off")
+        if self.num_workers < 0 or self.cpus_per_worker <= 0:
+            raise ConfigError("generative.num_workers must be >= 0 (0 = in-process) and "
+                              "generative.cpus_per_worker > 0")
+        if self.max_failures < -1:
+            raise ConfigError("generative.max_failures must be >= -1 (-1 = retry forever)")
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole experiment. Each YAML under ``configs/`` is one of these."""
 
@@ -392,6 +459,7 @@ class Config:
     sasrec: SASRecTrainConfig = field(default_factory=SASRecTrainConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+    generative: GenerativeTrainConfig = field(default_factory=GenerativeTrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

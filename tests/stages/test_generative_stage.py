@@ -1,0 +1,219 @@
+"""The generative retrieval stage on a hand-built tiny run (planted clusters, RQ-KMeans IDs): examples and
+protocol, training through the runner far above random, outputs, skip, `sidforge evaluate`, the CLI, and one
+slow 2-worker Ray Train run."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from sidforge import cli
+from sidforge.models.generative import TIGER, TIGERConfig
+from sidforge.platform.artifacts import RunDir
+from sidforge.platform.config import Config, ConfigError, load_config
+from sidforge.platform.logs import SPLIT_NAMES, TRAIN, choose_cold_items, order_and_split
+from sidforge.platform.metrics import popularity_buckets
+from sidforge.platform.schemas import INTERACTIONS, ITEM_STATS, DataError
+from sidforge.platform.synthetic import make_truth, sample_sequences, synthetic_items
+from sidforge.stages import generative, tokenize
+from sidforge.stages.embed import ItemEmbeddings
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+REPO = Path(__file__).resolve().parents[2]
+TOKENIZE = ["tokenize.method=rqkmeans", "tokenize.levels=2", "tokenize.codebook_size=16"]
+FAST = ["generative.epochs=3", "generative.eval_users=100", "generative.eval_batch_size=200",
+        "generative.batch_size=64"]
+
+
+# ----------------------------------------------------------------------------------------------
+# examples (no Ray)
+
+
+def test_train_examples_slide_a_window_over_each_users_train_items():
+    P = 9
+    user = np.array([0, 0, 0, 0, 1, 1, 2])
+    item = np.array([1, 2, 3, 4, 5, 6, 7])
+    hist, target, users = generative.train_examples(user, item, max_history=2, pad=P)
+    assert hist.tolist() == [[P, 1], [1, 2], [2, 3], [P, 5]]  # never crosses users; user 2 has no example
+    assert target.tolist() == [2, 3, 4, 6] and users.tolist() == [0, 0, 0, 1]
+
+
+def test_user_buckets_are_stable_and_in_range():
+    u = np.arange(1000)
+    b = generative.user_buckets(u, 7)
+    assert b.min() >= 0 and b.max() < 7 and np.array_equal(b, generative.user_buckets(u, 7))
+    assert len(np.unique(b)) == 7
+
+
+def test_generative_config_is_validated(tiny_config):
+    with pytest.raises(ConfigError, match="generative.top_k"):
+        tiny_config("generative.top_k=3")
+    with pytest.raises(ConfigError, match="generative.heads"):
+        tiny_config("generative.heads=0")
+    assert tiny_config("generative.user_tokens=50").generative.user_tokens == 50
+
+
+# ----------------------------------------------------------------------------------------------
+# a hand-built run: prepare's tables from the synthetic generator, then the tokenize stage
+
+
+def _write_run(cfg: Config) -> RunDir:
+    """``prepare`` (interactions, item_stats) and ``embed`` outputs written directly, then RQ-KMeans IDs."""
+    run = RunDir(cfg.run_dir)
+    s = cfg.synthetic
+    truth = make_truth(s)
+    user, item, pos = sample_sequences(s, truth, s.num_users, np.random.default_rng(s.seed))
+    cold = choose_cold_items(s.num_items, cfg.prepare.cold_item_fraction, cfg.seed)
+    ub = order_and_split(user, item, pos, cfg.prepare.min_seq_len, cold)
+    prep = run.stage_dir("prepare")
+    (prep / "interactions").mkdir(parents=True)
+    pq.write_table(pa.table({"user_id": ub.user, "item_id": ub.item, "position": ub.position,
+                             "split": SPLIT_NAMES[ub.split].tolist()}, schema=INTERACTIONS),
+                   prep / "interactions" / "part-0.parquet")
+    counts = np.bincount(ub.item[ub.split == TRAIN], minlength=s.num_items)
+    pq.write_table(pa.table({"item_id": np.arange(s.num_items), "train_count": counts,
+                             "bucket": popularity_buckets(counts), "cold_holdout": cold}, schema=ITEM_STATS),
+                   prep / "item_stats.parquet")
+    feats = np.stack(synthetic_items(s, truth).column("feat_content").to_numpy(zero_copy_only=False))
+    run.stage_dir("embed").mkdir()
+    pq.write_table(ItemEmbeddings(np.arange(s.num_items), {"content": feats.astype(np.float32)}).to_table(),
+                   run.stage_dir("embed") / "item_embeddings.parquet")
+    tokenize.run(cfg, run)
+    return run
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Path:
+    """One hand-built tiny run; each test copies it."""
+    tmp = tmp_path_factory.mktemp("tiny-generative")
+    cfg = load_config(REPO / "configs" / "tiny.yaml", [f"run_dir={tmp / 'run'}", *TOKENIZE])
+    return _write_run(cfg).path
+
+
+def _copy(built: Path, cfg: Config) -> RunDir:
+    import shutil
+
+    shutil.copytree(built, cfg.run_dir)
+    return RunDir(cfg.run_dir)
+
+
+def test_data_follow_the_leave_one_out_protocol(built):
+    run = RunDir(built)
+    data = generative.load_data(run.stage_dir("prepare"), run.stage_dir("tokenize-rqkmeans"), max_history=20)
+    n = data.num_items
+    assert data.codes.shape == (n, 3) and data.level_sizes[:2] == (16, 16)  # 2 levels + collision digit
+    assert len(np.unique(data.codes, axis=0)) == n
+    stats = pq.read_table(run.stage_dir("prepare") / "item_stats.parquet").to_pandas()
+    cold = stats["item_id"][stats["cold_holdout"]].to_numpy()
+    assert len(cold) > 0
+    # cold items are never in a training history or target, yet they have IDs (so they can be generated)
+    assert not np.isin(data.train_target, cold).any() and not np.isin(data.train_hist, cold).any()
+    assert (data.codes[cold] >= 0).all()
+    # one valid and one test case per user, the user's train (+ valid) items as history
+    assert len(np.unique(data.valid_user)) == len(data.valid_user) == len(data.test_user)
+    assert data.valid_hist.shape[1] == data.test_hist.shape[1] == 20
+    inter = pq.read_table(run.stage_dir("prepare") / "interactions").to_pandas()
+    u = int(data.test_user[3])
+    rows = inter[inter.user_id == u].sort_values("position")
+    assert data.test_target[3] == rows[rows.split == "test"].item_id.item()
+    seen = rows[rows.split.isin(["train", "valid"])].item_id.to_numpy()[-20:]
+    assert data.test_hist[3][data.test_hist[3] != n].tolist() == seen.tolist()
+
+
+def test_missing_ids_are_a_clear_error(built, tmp_path):
+    sids = tmp_path / "tokenize-partial"
+    sids.mkdir()
+    table = pq.read_table(RunDir(built).stage_dir("tokenize-rqkmeans") / "sids.parquet")
+    pq.write_table(table.slice(0, 100), sids / "sids.parquet")
+    with pytest.raises(DataError, match="exactly one ID"):
+        generative.load_sid_codes(sids, table.num_rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# the stage
+
+
+def test_stage_trains_in_process_far_above_random_and_writes_its_outputs(built, tiny_config):
+    cfg = tiny_config(*TOKENIZE, *FAST)
+    run = _copy(built, cfg)
+    sids = run.stage_dir("tokenize-rqkmeans")
+    res = generative.run(cfg, run, sids)
+
+    assert res.out_dir == run.stage_dir("generative-rqkmeans")
+    random_recall = 10 / res.rows["items"]
+    metrics = json.loads((res.out_dir / "metrics.json").read_text())
+    assert [row["epoch"] for row in metrics["history"]] == [0, 1, 2]
+    assert all("valid/ndcg@10" in row and "loss" in row for row in metrics["history"])
+    assert metrics["history"][-1]["loss"] < metrics["history"][0]["loss"]
+    assert metrics["valid"]["recall@10"] > 5 * random_recall, metrics["valid"]
+    assert metrics["test"]["recall@10"] > 5 * random_recall, metrics["test"]
+    test = metrics["test"]
+    for k in (5, 10, 20, 50):  # top_k=50: every cut-off is reported, and recall grows with K
+        assert f"recall@{k}" in test and f"ndcg@{k}" in test
+    assert test["recall@5"] <= test["recall@10"] <= test["recall@20"] <= test["recall@50"] <= 1
+    buckets = [b for b in ("head", "torso", "tail", "cold") if f"count/{b}" in test]
+    assert {"head", "tail", "cold"} <= set(buckets)
+    assert sum(test[f"count/{b}"] for b in buckets) == test["count"] == res.rows["test_cases"]
+
+    model, meta = generative.load_model(res.out_dir)
+    assert isinstance(model, TIGER) and meta["sids"] == "tokenize-rqkmeans" and meta["top_k"] == 50
+    assert model.config == TIGERConfig(**meta["config"])
+    entry = run.read_manifest().stages["generative-rqkmeans"]
+    assert entry.metrics["best_epoch"] == metrics["best_epoch"] and entry.rows == res.rows
+    assert not (run.path / "_train").exists()  # checkpoints are removed once the outputs are written
+
+    # the saved model re-scores to the same test metrics
+    again = generative.evaluate_saved(res.out_dir)
+    assert again["recall@10"] == pytest.approx(test["recall@10"])
+    assert again["ndcg@50"] == pytest.approx(test["ndcg@50"])
+
+    skipped = generative.run(cfg, run, sids)
+    assert skipped.skipped and skipped.metrics == res.metrics
+    changed = generative.stage_config_hash(tiny_config(*TOKENIZE, *FAST, "generative.lr=0.01"))
+    assert not run.is_current("generative-rqkmeans", changed, entry.inputs)
+    same = generative.stage_config_hash(tiny_config(*TOKENIZE, *FAST, "generative.eval_batch_size=7"))
+    assert same == entry.config_hash
+
+
+def test_cli_trains_then_evaluates(built, tiny_config, capsys):
+    cfg = tiny_config(*TOKENIZE)
+    run = _copy(built, cfg)
+    overrides = [*TOKENIZE, "generative.epochs=1", "generative.user_tokens=16", "generative.eval_users=50",
+                 "generative.top_k=20"]
+    common = ["-c", str(REPO / "configs" / "tiny.yaml"), "--run-dir", str(run.path),
+              *(a for o in overrides for a in ("--set", o))]
+    assert cli.main(["train", "generative", *common]) == 0  # --sids defaults to the config's tokenize output
+    out = capsys.readouterr().out
+    assert "train generative: trained" in out and "generative-rqkmeans" in out and "test/cold" in out
+    model_dir = run.stage_dir("generative-rqkmeans")
+    assert generative.load_model(model_dir)[0].config.user_tokens == 16
+
+    assert cli.main(["evaluate", "--model", str(model_dir), "--beam-size", "10"]) == 0
+    out = capsys.readouterr().out
+    assert "recall@20" in out and "recall@50" not in out and "test/head" in out  # top_k=20: no @50
+
+    assert cli.main(["train", "generative", *common, "--sids", str(run.path / "nowhere")]) == 2
+    assert "sids.parquet" in capsys.readouterr().err
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_two_workers_train_and_score_every_case_once(built, ray_cluster, tiny_config, tmp_path, caplog):
+    """Real Ray Train workers (not the in-process mode): 2 DDP workers share training and beam search."""
+    base = tiny_config(*TOKENIZE, *FAST)
+    cfg = dataclasses.replace(base, generative=dataclasses.replace(base.generative, num_workers=2))
+    run = _copy(built, cfg)
+    with caplog.at_level(logging.INFO, logger="sidforge.platform.training"):
+        res = generative.run(cfg, run, run.stage_dir("tokenize-rqkmeans"))
+    assert "training on 2 workers" in caplog.text
+    assert res.metrics["valid"]["count"] == res.rows["valid_cases"]  # every case scored once across the ranks
+    assert res.metrics["test"]["count"] == res.rows["test_cases"]
+    assert res.metrics["test"]["recall@10"] > 5 * 10 / res.rows["items"], res.metrics["test"]
