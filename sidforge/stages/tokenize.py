@@ -358,7 +358,7 @@ def fit_rqvae(cfg: Config, run_dir: RunDir, data_dir: Path | None, seed: int, co
         raise RuntimeError("rqvae: the workers' model replicas diverged (codebooks must be re-initialised "
                            "identically on every rank)")
     model = RQVAE(model_cfg)
-    model.load_state_dict(result.value["state"])
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in result.value["state"].items()})
     model.eval()
     remove_run(train_run)
     tok = Tokenizer("rqvae", x.shape[1], tcfg.levels, tcfg.codebook_size, model=model)
@@ -481,7 +481,8 @@ def train_rqvae(ctx: WorkerContext, config: dict[str, Any]) -> dict[str, Any]:
                 g = torch.Generator().manual_seed(config["seed"] + epoch)
                 metrics["dead_reset"] = int(model.quantizer.reset_dead_codes(z, config["dead_code_min_usage"], g).sum())
         ctx.report(epoch, metrics, lambda: {"model": model.state_dict(), "opt": opt.state_dict()})
-    return {"state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    # numpy, not tensors: Ray Train cannot return tensors from distributed workers
+    return {"state": {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()},
             "replicas_agree": ctx.replicas_agree(model)}
 
 
