@@ -122,6 +122,23 @@ class RunDir:
             return False
         return True
 
+    def cached(self, stage: str, config_hash: str, inputs: dict[str, str]) -> StageResult | None:
+        """The recorded result of ``stage`` when it is current (see :meth:`is_current`), else ``None``."""
+        if not self.is_current(stage, config_hash, inputs):
+            return None
+        entry = self.read_manifest().stages[stage]
+        log.info("%s: inputs and config unchanged, skipping (%s)", stage, self.stage_dir(stage))
+        return StageResult(self.stage_dir(stage), True, entry.rows, entry.metrics, 0.0)
+
+    def finish(self, stage: str, config_hash: str, inputs: dict[str, str], rows: dict[str, int],
+               metrics: dict[str, Any], started: float) -> StageResult:
+        """Record the manifest entry of a stage whose outputs are in place; ``started`` is a perf_counter()."""
+        wall = time.perf_counter() - started
+        final = self.stage_dir(stage)
+        self.record(stage, StageEntry(config_hash=config_hash, inputs=inputs, outputs=fingerprint_tree(final),
+                                      rows=rows, metrics=metrics, wall_time_s=round(wall, 3), finished_at=now_iso()))
+        return StageResult(final, False, rows, metrics, wall)
+
     @contextlib.contextmanager
     def writing(self, stage: str) -> Iterator[Path]:
         """Yield a temporary folder; on success it replaces the stage folder, on failure it is removed."""

@@ -29,11 +29,8 @@ import pyarrow.parquet as pq
 
 from sidforge.platform.artifacts import (
     RunDir,
-    StageEntry,
     StageResult,
     fingerprint_files,
-    fingerprint_tree,
-    now_iso,
 )
 from sidforge.platform.config import Config, EmbedConfig
 from sidforge.platform.schemas import DataError, feature_columns
@@ -119,23 +116,17 @@ def run(cfg: Config, run_dir: RunDir, force: bool = False) -> StageResult:
         raise DataError(f"{items_path} not found; run `sidforge prepare` with this config first")
     config_hash = stage_config_hash(cfg)
     inputs = _input_fingerprints(cfg.embed, run_dir)
-    if not force and run_dir.is_current(STAGE, config_hash, inputs):
-        entry = run_dir.read_manifest().stages[STAGE]
-        log.info("embed: inputs and config unchanged, skipping (%s)", run_dir.stage_dir(STAGE))
-        return StageResult(run_dir.stage_dir(STAGE), True, entry.rows, entry.metrics, 0.0)
+    if not force and (cached := run_dir.cached(STAGE, config_hash, inputs)) is not None:
+        return cached
     items = read_items(items_path, cfg.embed)
     with run_dir.writing(STAGE) as out:
         emb, metrics = embed_items(cfg.embed, items)
         pq.write_table(emb.to_table(), out / OUTPUT)
-    wall = time.perf_counter() - t0
-    metrics["items_per_s"] = round(items.num_rows / max(wall, 1e-9), 1)
-    rows = {"items": items.num_rows}
-    final = run_dir.stage_dir(STAGE)
-    run_dir.record(STAGE, StageEntry(config_hash=config_hash, inputs=inputs, outputs=fingerprint_tree(final),
-                                     rows=rows, metrics=metrics, wall_time_s=round(wall, 3),
-                                     finished_at=now_iso()))
-    log.info("embed: wrote %s (%d items, dims %s) in %.1f s", final, items.num_rows, metrics["dims"], wall)
-    return StageResult(final, False, rows, metrics, wall)
+    metrics["items_per_s"] = round(items.num_rows / max(time.perf_counter() - t0, 1e-9), 1)
+    result = run_dir.finish(STAGE, config_hash, inputs, {"items": items.num_rows}, metrics, t0)
+    log.info("embed: wrote %s (%d items, dims %s) in %.1f s", result.out_dir, items.num_rows, metrics["dims"],
+             result.wall_time_s)
+    return result
 
 
 def read_items(path: Path, ecfg: EmbedConfig) -> pa.Table:

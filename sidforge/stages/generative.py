@@ -51,11 +51,8 @@ import torch
 from sidforge.models.generative import TIGER, ItemTrie, TIGERConfig, beam_search, code_tokens, sid_tokens
 from sidforge.platform.artifacts import (
     RunDir,
-    StageEntry,
     StageResult,
     fingerprint_files,
-    fingerprint_tree,
-    now_iso,
 )
 from sidforge.platform.config import Config
 from sidforge.platform.metrics import DEFAULT_KS, metrics_from_ranks
@@ -95,10 +92,8 @@ def run(cfg: Config, run_dir: RunDir, sids: str | Path, force: bool = False) -> 
     stage = stage_name(sids)
     config_hash = stage_config_hash(cfg)
     inputs = _input_fingerprints(run_dir, sids)
-    if not force and run_dir.is_current(stage, config_hash, inputs):
-        entry = run_dir.read_manifest().stages[stage]
-        log.info("%s: inputs and config unchanged, skipping (%s)", stage, run_dir.stage_dir(stage))
-        return StageResult(run_dir.stage_dir(stage), True, entry.rows, entry.metrics, 0.0)
+    if not force and (cached := run_dir.cached(stage, config_hash, inputs)) is not None:
+        return cached
     g = cfg.generative
     data = load_data(run_dir.stage_dir("prepare"), sids, g.max_history)
     train_run = _run_settings(cfg, run_dir, stage, config_hash, inputs)
@@ -114,13 +109,10 @@ def run(cfg: Config, run_dir: RunDir, sids: str | Path, force: bool = False) -> 
     _remove_if_empty(train_run.path.parent)
     rows = {"items": data.num_items, "train_examples": len(data.train_target),
             "valid_cases": len(data.valid_target), "test_cases": len(data.test_target)}
-    wall = time.perf_counter() - t0
-    final = run_dir.stage_dir(stage)
-    run_dir.record(stage, StageEntry(config_hash=config_hash, inputs=inputs, outputs=fingerprint_tree(final),
-                                     rows=rows, metrics=metrics, wall_time_s=round(wall, 3), finished_at=now_iso()))
-    log.info("%s: wrote %s in %.1f s (test recall@10 %.4f)", stage, final, wall,
+    result = run_dir.finish(stage, config_hash, inputs, rows, metrics, t0)
+    log.info("%s: wrote %s in %.1f s (test recall@10 %.4f)", stage, result.out_dir, result.wall_time_s,
              metrics["test"].get("recall@10", 0.0))
-    return StageResult(final, False, rows, metrics, wall)
+    return result
 
 
 _OPERATIONAL = ("cpus_per_worker", "max_failures", "eval_batch_size")  # how a run executes, not what it computes

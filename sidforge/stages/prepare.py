@@ -29,11 +29,8 @@ import pyarrow.parquet as pq
 from sidforge.platform.adapters import RawSource, load_source
 from sidforge.platform.artifacts import (
     RunDir,
-    StageEntry,
     StageResult,
     fingerprint_files,
-    fingerprint_tree,
-    now_iso,
 )
 from sidforge.platform.config import Config
 from sidforge.platform.logs import (
@@ -64,21 +61,15 @@ def run(cfg: Config, run_dir: RunDir, data_dir: Path, force: bool = False) -> St
     t0 = time.perf_counter()
     config_hash = stage_config_hash(cfg)
     inputs = _input_fingerprints(cfg, data_dir)
-    if not force and run_dir.is_current(STAGE, config_hash, inputs):
-        entry = run_dir.read_manifest().stages[STAGE]
-        log.info("prepare: inputs and config unchanged, skipping (%s)", run_dir.stage_dir(STAGE))
-        return StageResult(run_dir.stage_dir(STAGE), True, entry.rows, entry.metrics, 0.0)
+    if not force and (cached := run_dir.cached(STAGE, config_hash, inputs)) is not None:
+        return cached
     with run_dir.writing(STAGE) as out:
         source = load_source(cfg, data_dir, out / "_staging")
         rows, metrics = _prepare(cfg, source, out)
         _remove_tree(out / "_staging")
-    wall = time.perf_counter() - t0
-    final = run_dir.stage_dir(STAGE)
-    run_dir.record(STAGE, StageEntry(config_hash=config_hash, inputs=inputs, outputs=fingerprint_tree(final),
-                                     rows=rows, metrics=metrics, wall_time_s=round(wall, 3),
-                                     finished_at=now_iso()))
-    log.info("prepare: wrote %s in %.1f s", final, wall)
-    return StageResult(final, False, rows, metrics, wall)
+    result = run_dir.finish(STAGE, config_hash, inputs, rows, metrics, t0)
+    log.info("prepare: wrote %s in %.1f s", result.out_dir, result.wall_time_s)
+    return result
 
 
 def stage_config_hash(cfg: Config) -> str:

@@ -41,11 +41,8 @@ import torch
 from sidforge.models.sasrec import SASRec, SASRecConfig
 from sidforge.platform.artifacts import (
     RunDir,
-    StageEntry,
     StageResult,
     fingerprint_files,
-    fingerprint_tree,
-    now_iso,
 )
 from sidforge.platform.config import Config
 from sidforge.platform.metrics import metrics_from_ranks, target_ranks
@@ -79,10 +76,8 @@ def run(cfg: Config, run_dir: RunDir, force: bool = False) -> StageResult:
     t0 = time.perf_counter()
     config_hash = stage_config_hash(cfg)
     inputs = _input_fingerprints(run_dir)
-    if not force and run_dir.is_current(STAGE, config_hash, inputs):
-        entry = run_dir.read_manifest().stages[STAGE]
-        log.info("sasrec: inputs and config unchanged, skipping (%s)", run_dir.stage_dir(STAGE))
-        return StageResult(run_dir.stage_dir(STAGE), True, entry.rows, entry.metrics, 0.0)
+    if not force and (cached := run_dir.cached(STAGE, config_hash, inputs)) is not None:
+        return cached
     data = load_sequences(run_dir.stage_dir("prepare"), cfg.sasrec.max_len)
     train_run = _run_settings(cfg, run_dir, config_hash, inputs)
     config = loop_config(cfg, data)
@@ -95,12 +90,10 @@ def run(cfg: Config, run_dir: RunDir, force: bool = False) -> StageResult:
     _remove_if_empty(train_run.path.parent)
     rows = {"items": data.num_items, "train_sequences": len(data.train_inputs),
             "valid_cases": len(data.valid_target), "test_cases": len(data.test_target)}
-    wall = time.perf_counter() - t0
-    final = run_dir.stage_dir(STAGE)
-    run_dir.record(STAGE, StageEntry(config_hash=config_hash, inputs=inputs, outputs=fingerprint_tree(final),
-                                     rows=rows, metrics=metrics, wall_time_s=round(wall, 3), finished_at=now_iso()))
-    log.info("sasrec: wrote %s in %.1f s (test recall@10 %.4f)", final, wall, metrics["test"].get("recall@10", 0.0))
-    return StageResult(final, False, rows, metrics, wall)
+    result = run_dir.finish(STAGE, config_hash, inputs, rows, metrics, t0)
+    log.info("sasrec: wrote %s in %.1f s (test recall@10 %.4f)", result.out_dir, result.wall_time_s,
+             metrics["test"].get("recall@10", 0.0))
+    return result
 
 
 _OPERATIONAL = ("cpus_per_worker", "max_failures")  # how a run is executed, not what it computes

@@ -44,11 +44,8 @@ from sidforge.models.quantizers import RQVAE, RQVAEConfig, residual_kmeans
 from sidforge.models.semantic_ids import Resolved, quality, resolve_collisions
 from sidforge.platform.artifacts import (
     RunDir,
-    StageEntry,
     StageResult,
     fingerprint_files,
-    fingerprint_tree,
-    now_iso,
 )
 from sidforge.platform.config import Config, TokenizeConfig
 from sidforge.platform.schemas import DataError
@@ -207,10 +204,8 @@ def run(cfg: Config, run_dir: RunDir, data_dir: Path | None = None, force: bool 
     stage = tcfg.output_name
     config_hash = stage_config_hash(cfg)
     inputs = _input_fingerprints(tcfg, run_dir, data_dir)
-    if not force and run_dir.is_current(stage, config_hash, inputs):
-        entry = run_dir.read_manifest().stages[stage]
-        log.info("%s: inputs and config unchanged, skipping", stage)
-        return StageResult(run_dir.stage_dir(stage), True, entry.rows, entry.metrics, 0.0)
+    if not force and (cached := run_dir.cached(stage, config_hash, inputs)) is not None:
+        return cached
     seed = cfg.seed if tcfg.seed is None else tcfg.seed
     fitted = FITTERS[tcfg.method](cfg, run_dir, data_dir, seed, config_hash, force)
     resolved = resolve_collisions(tcfg.collision, fitted.codes, fitted.last_distances)
@@ -224,13 +219,11 @@ def run(cfg: Config, run_dir: RunDir, data_dir: Path | None = None, force: bool 
                                     "modalities": fitted.modalities})
         (out / "quality.json").write_text(json.dumps(report, indent=2))
         plot_code_usage(fitted.codes, fitted.codebook_size, out / "code_usage.png", title=stage)
-    wall = time.perf_counter() - t0
-    final = run_dir.stage_dir(stage)
     rows = {"items": len(fitted.item_id), "levels": int(fitted.codes.shape[1])}
-    run_dir.record(stage, StageEntry(config_hash=config_hash, inputs=inputs, outputs=fingerprint_tree(final),
-                                     rows=rows, metrics=report, wall_time_s=round(wall, 3), finished_at=now_iso()))
-    log.info("%s: wrote %s in %.1f s (collision rate %.4f)", stage, final, wall, report["collision_rate"])
-    return StageResult(final, False, rows, report, wall)
+    result = run_dir.finish(stage, config_hash, inputs, rows, report, t0)
+    log.info("%s: wrote %s in %.1f s (collision rate %.4f)", stage, result.out_dir, result.wall_time_s,
+             report["collision_rate"])
+    return result
 
 
 def stage_config_hash(cfg: Config) -> str:
