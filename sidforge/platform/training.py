@@ -192,8 +192,13 @@ def load_state(checkpoint: str | Path, map_location: str | torch.device = "cpu")
 
 
 def remove_run(run: RunSettings) -> None:
-    """Delete a run's checkpoints (after its outputs are safely written elsewhere)."""
+    """Delete a run's checkpoints (after its outputs are safely written elsewhere), and the storage
+    folder too once no other run keeps checkpoints there."""
     shutil.rmtree(run.path, ignore_errors=True)
+    try:
+        run.path.parent.rmdir()
+    except OSError:
+        pass  # other runs still hold checkpoints there
 
 
 # ----------------------------------------------------------------------------------------------

@@ -106,7 +106,6 @@ def run(cfg: Config, run_dir: RunDir, sids: str | Path, force: bool = False) -> 
     with run_dir.writing(stage) as out:
         metrics = _write_outputs(out, result, meta)
     remove_run(train_run)
-    _remove_if_empty(train_run.path.parent)
     rows = {"items": data.num_items, "train_examples": len(data.train_target),
             "valid_cases": len(data.valid_target), "test_cases": len(data.test_target)}
     result = run_dir.finish(stage, config_hash, inputs, rows, metrics, t0)
@@ -151,13 +150,6 @@ def _run_settings(cfg: Config, run_dir: RunDir, stage: str, config_hash: str,
     return RunSettings(name=run_name(stage, config_hash, inputs_hash), storage_path=run_dir.path / "_train",
                        max_failures=cfg.generative.max_failures, checkpoints_to_keep=2, monitor=MONITOR,
                        mode="max", patience=cfg.generative.patience)
-
-
-def _remove_if_empty(folder: Path) -> None:
-    try:
-        folder.rmdir()
-    except OSError:
-        pass  # other runs still hold checkpoints there
 
 
 # ----------------------------------------------------------------------------------------------

@@ -65,8 +65,6 @@ MONITOR = "valid/ndcg@10"
 ITEM_EMBEDDINGS = pa.schema([("item_id", pa.int64()), ("embedding", pa.list_(pa.float32())), ("norm", pa.float32())])
 
 
-
-
 # ----------------------------------------------------------------------------------------------
 # entry point
 
@@ -87,7 +85,6 @@ def run(cfg: Config, run_dir: RunDir, force: bool = False) -> StageResult:
     with run_dir.writing(STAGE) as out:
         metrics = _write_outputs(out, result, data, config["model"], config["exclude_history"])
     remove_run(train_run)
-    _remove_if_empty(train_run.path.parent)
     rows = {"items": data.num_items, "train_sequences": len(data.train_inputs),
             "valid_cases": len(data.valid_target), "test_cases": len(data.test_target)}
     result = run_dir.finish(STAGE, config_hash, inputs, rows, metrics, t0)
@@ -121,13 +118,6 @@ def _run_settings(cfg: Config, run_dir: RunDir, config_hash: str, inputs: dict[s
     return RunSettings(name=run_name(STAGE, config_hash, inputs_hash), storage_path=run_dir.path / "_train",
                        max_failures=cfg.sasrec.max_failures, checkpoints_to_keep=2, monitor=MONITOR,
                        mode="max", patience=cfg.sasrec.patience)
-
-
-def _remove_if_empty(folder: Path) -> None:
-    try:
-        folder.rmdir()
-    except OSError:
-        pass  # other runs still hold checkpoints there
 
 
 # ----------------------------------------------------------------------------------------------

@@ -207,7 +207,9 @@ def run(cfg: Config, run_dir: RunDir, data_dir: Path | None = None, force: bool 
     if not force and (cached := run_dir.cached(stage, config_hash, inputs)) is not None:
         return cached
     seed = cfg.seed if tcfg.seed is None else tcfg.seed
-    fitted = FITTERS[tcfg.method](cfg, run_dir, data_dir, seed, config_hash, force)
+    # Checkpoints named by config and inputs: an interrupted RQ-VAE resumes, a changed one starts afresh.
+    inputs_hash = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+    fitted = FITTERS[tcfg.method](cfg, run_dir, data_dir, seed, run_name(stage, config_hash, inputs_hash), force)
     resolved = resolve_collisions(tcfg.collision, fitted.codes, fitted.last_distances)
     report = quality(fitted.codes, fitted.codebook_size, fitted.x, fitted.x_hat)
     report.update({"method": tcfg.method, "collision": tcfg.collision, "reassigned": resolved.reassigned,
@@ -315,7 +317,7 @@ def _check_catalogue(n: int, tcfg: TokenizeConfig) -> None:
         raise DataError(f"{n} items cannot fill tokenize.codebook_size={tcfg.codebook_size} codes; lower it")
 
 
-def fit_rqkmeans(cfg: Config, run_dir: RunDir, data_dir: Path | None, seed: int, config_hash: str,
+def fit_rqkmeans(cfg: Config, run_dir: RunDir, data_dir: Path | None, seed: int, train_name: str,
                  force: bool) -> Fitted:
     """Residual k-means (faiss) over the embeddings."""
     tcfg = cfg.tokenize
@@ -328,7 +330,7 @@ def fit_rqkmeans(cfg: Config, run_dir: RunDir, data_dir: Path | None, seed: int,
                   tok.last_distances(x, codes))
 
 
-def fit_rqvae(cfg: Config, run_dir: RunDir, data_dir: Path | None, seed: int, config_hash: str,
+def fit_rqvae(cfg: Config, run_dir: RunDir, data_dir: Path | None, seed: int, train_name: str,
               force: bool) -> Fitted:
     """TIGER's RQ-VAE, trained with the shared Ray Train runner."""
     tcfg, rcfg = cfg.tokenize, cfg.tokenize.rqvae
@@ -337,8 +339,7 @@ def fit_rqvae(cfg: Config, run_dir: RunDir, data_dir: Path | None, seed: int, co
     model_cfg = RQVAEConfig(input_dim=x.shape[1], hidden=tuple(rcfg.hidden), latent_dim=rcfg.latent_dim,
                             num_levels=tcfg.levels, codebook_size=tcfg.codebook_size, beta=rcfg.beta,
                             dropout=rcfg.dropout)
-    inputs_hash = hashlib.sha256(json.dumps(_input_fingerprints(tcfg, run_dir, data_dir)).encode()).hexdigest()
-    train_run = RunSettings(name=run_name(tcfg.output_name, config_hash, inputs_hash),
+    train_run = RunSettings(name=train_name,
                             storage_path=run_dir.path / "_train", max_failures=rcfg.max_failures,
                             checkpoints_to_keep=2)
     loop = {"model": dataclasses.asdict(model_cfg), "lr": rcfg.lr, "weight_decay": rcfg.weight_decay,
@@ -367,7 +368,7 @@ def fit_rqvae(cfg: Config, run_dir: RunDir, data_dir: Path | None, seed: int, co
 _TOKEN = re.compile(r"^<?[A-Za-z]*_?(\d+)>?$")
 
 
-def fit_precomputed(cfg: Config, run_dir: RunDir, data_dir: Path | None, seed: int, config_hash: str,
+def fit_precomputed(cfg: Config, run_dir: RunDir, data_dir: Path | None, seed: int, train_name: str,
                     force: bool) -> Fitted:
     """Import an external item → codes table; every catalogue item must be in it."""
     tcfg = cfg.tokenize
