@@ -3,6 +3,8 @@
     sidforge prepare --config configs/amazon-beauty.yaml [--set prepare.coclick.window=5]
     sidforge tokenize --config configs/amazon-beauty.yaml --method rqkmeans
     sidforge train generative --config configs/amazon-beauty.yaml --sids runs/amazon-beauty/tokenize-rqvae
+    sidforge train align --config configs/amazon-beauty-savior.yaml
+    sidforge train ranker --config configs/amazon-beauty-savior.yaml --sids runs/amazon-beauty-savior/tokenize-aligned
     sidforge evaluate --model runs/amazon-beauty/generative-rqvae
     sidforge data list | sidforge data pull amazon-beauty-2014
 
@@ -44,9 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
 
     p = sub.add_parser("train", help="train a model stage on Ray Train (after prepare)")
-    p.add_argument("model", choices=["sasrec", "generative"], help="which trainer")
-    p.add_argument("--sids", help="generative: the IDs' folder RUN/tokenize-<name> (default: the config's "
-                                  "tokenize output in the run directory)")
+    p.add_argument("model", choices=["sasrec", "align", "ranker", "generative"], help="which trainer")
+    p.add_argument("--sids", help="generative, ranker: the IDs' folder RUN/tokenize-<name> (default: the "
+                                  "config's tokenize output in the run directory)")
     _add_common(p)
 
     p = sub.add_parser("evaluate", help="re-score a trained generative model on its run's test split")
@@ -133,6 +135,21 @@ def cmd_train(args: argparse.Namespace) -> int:
             init_ray(args.address)
         sids = Path(args.sids) if args.sids else run_dir.stage_dir(cfg.tokenize.output_name)
         result = generative.run(cfg, run_dir, sids, force=args.force)
+    elif args.model == "align":
+        from sidforge.stages import align
+
+        if cfg.align.num_workers > 0 or args.address:
+            init_ray(args.address)
+        result = align.run(cfg, run_dir, force=args.force)
+        return _print_align(result)
+    elif args.model == "ranker":
+        from sidforge.stages import ranker
+
+        if cfg.ranker.num_workers > 0 or args.address:
+            init_ray(args.address)
+        sids = Path(args.sids) if args.sids else run_dir.stage_dir(cfg.tokenize.output_name)
+        result = ranker.run(cfg, run_dir, sids if cfg.ranker.mba else None, force=args.force)
+        return _print_ranker(result)
     else:
         from sidforge.stages import sasrec
 
@@ -144,6 +161,33 @@ def cmd_train(args: argparse.Namespace) -> int:
     splits = {"valid": result.metrics.get("valid", {}), "test": result.metrics.get("test", {})}
     keys = ("recall@5", "ndcg@5", "recall@10", "ndcg@10", "recall@20", "ndcg@20")
     print(format_table(*metric_rows(splits, keys)))
+    return 0
+
+
+def _status(result: object) -> str:
+    return "unchanged (skipped)" if result.skipped else f"trained in {result.wall_time_s:.1f} s"  # type: ignore[attr-defined]
+
+
+def _print_align(result: object) -> int:
+    m = result.metrics  # type: ignore[attr-defined]
+    print(f"train align: {_status(result)} -> {result.out_dir}")  # type: ignore[attr-defined]
+    rows = [(name, f"{m[name].get('hit@30', float('nan')):.4f}", f"{m[name].get('recall@30', float('nan')):.4f}")
+            for name in ("i2i_before", "i2i_after") if name in m]
+    print(format_table(rows, ("held-out co-click pairs", "hit@30", "recall@30")))
+    return 0
+
+
+def _print_ranker(result: object) -> int:
+    m = result.metrics  # type: ignore[attr-defined]
+    print(f"train ranker: {_status(result)} -> {result.out_dir}")  # type: ignore[attr-defined]
+    rows = []
+    for split in ("valid", "test"):
+        part = m.get(split, {})
+        for group in ("", "/head", "/torso", "/tail", "/cold"):
+            if f"auc{group}" in part:
+                rows.append((split + group, *(f"{part.get(k + group, float('nan')):.4f}"
+                                              for k in ("auc", "gauc", "logloss")), f"{part[f'count{group}']:,}"))
+    print(format_table(rows, ("split", "auc", "gauc", "logloss", "impressions")))
     return 0
 
 

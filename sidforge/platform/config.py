@@ -332,8 +332,9 @@ class TokenizeConfig:
             ``precomputed`` (an external item → SID table, e.g. LETTER's Beauty IDs).
         name: output folder ``RUN/tokenize-<name>`` (default: the method), so several tokenizers of
             one run sit side by side.
-        source: which embeddings: ``embed`` (``RUN/embed/item_embeddings.parquet``) or ``sasrec``
-            (the behavior embeddings ``RUN/sasrec/item_embeddings.parquet``).
+        source: which embeddings: ``embed`` (``RUN/embed/item_embeddings.parquet``), ``align`` (the
+            co-click aligned z, ``RUN/align/item_embeddings.parquet``) or ``sasrec`` (the behavior
+            embeddings ``RUN/sasrec/item_embeddings.parquet``).
         modalities: embed modalities to concatenate (``[text]``, ``[text, image]``); empty = all.
         levels: L codebooks.
         codebook_size: K codes per level.
@@ -350,7 +351,7 @@ class TokenizeConfig:
 
     method: Literal["rqvae", "rqkmeans", "precomputed"] = "rqvae"
     name: str = ""
-    source: Literal["embed", "sasrec"] = "embed"
+    source: Literal["embed", "align", "sasrec"] = "embed"
     modalities: list[str] = field(default_factory=list)
     levels: int = 3
     codebook_size: int = 256
@@ -447,6 +448,155 @@ class GenerativeTrainConfig:
 
 
 @dataclass(frozen=True)
+class AlignTrainConfig:
+    """SaviorEnc: co-click contrastive alignment of item content (``sidforge train align``).
+
+    Attributes:
+        mode: ``features``: a projection trained over the frozen ``embed`` features (MiniLM text, the
+            precomputed CLIP features); ``open_clip``: fine-tune the last blocks of the open_clip towers
+            named by the ``embed`` section on the raw item text (and images).
+        modalities: ``features``: embed modalities concatenated as the input (empty = all).
+        hidden: width of the projection MLP's hidden layer.
+        out_dim: size of z; 0 keeps the input size (needed by ``residual``).
+        residual: z = normalise(x + MLP(x)) with the MLP's last layer zero-initialised, so training
+            starts exactly at the raw embedding (our choice; the paper fine-tunes the encoder itself).
+        train_blocks: ``open_clip``: transformer blocks unfrozen at the end of each tower.
+        temperature: InfoNCE temperature (in-batch negatives, symmetric loss).
+        lr, weight_decay: AdamW.
+        batch_size: co-click pairs per step and per worker (each pair's partner is the positive, the
+            other pairs' items the negatives).
+        epochs: epoch budget; ``patience`` evaluations without a better valid Hit@30 stop earlier.
+        valid_fraction: share of the training co-click pairs kept aside to pick the epoch (the
+            ``heldout`` pairs of prepare are scored once, at the end, before and after).
+        num_workers, cpus_per_worker, max_failures: as in ``sasrec``.
+        seed: ``None`` uses the top-level ``seed``.
+    """
+
+    mode: Literal["features", "open_clip"] = "features"
+    modalities: list[str] = field(default_factory=list)
+    hidden: int = 512
+    out_dim: int = 0
+    residual: bool = True
+    train_blocks: int = 1
+    temperature: float = 0.07
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 512
+    epochs: int = 50
+    patience: int = 5
+    valid_fraction: float = 0.1
+    num_workers: int = 0
+    cpus_per_worker: float = 1.0
+    max_failures: int = 1
+    seed: Union[int, None] = None
+
+    def __post_init__(self) -> None:
+        for name in ("hidden", "batch_size", "epochs", "patience", "train_blocks"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"align.{name} must be >= 1, got {getattr(self, name)}")
+        if self.out_dim < 0:
+            raise ConfigError(f"align.out_dim must be >= 0 (0 = the input size), got {self.out_dim}")
+        if self.residual and self.out_dim:
+            raise ConfigError("align.residual needs z of the input size; set align.out_dim=0 or "
+                              "align.residual=false")
+        if self.temperature <= 0:
+            raise ConfigError(f"align.temperature must be > 0, got {self.temperature}")
+        if self.lr <= 0 or self.weight_decay < 0:
+            raise ConfigError("align.lr must be > 0 and align.weight_decay >= 0")
+        if not 0.0 < self.valid_fraction < 1.0:
+            raise ConfigError(f"align.valid_fraction must be in (0, 1), got {self.valid_fraction}")
+        if self.num_workers < 0 or self.cpus_per_worker <= 0:
+            raise ConfigError("align.num_workers must be >= 0 (0 = in-process) and align.cpus_per_worker > 0")
+        if self.max_failures < -1:
+            raise ConfigError("align.max_failures must be >= -1 (-1 = retry forever)")
+
+
+@dataclass(frozen=True)
+class RankerTrainConfig:
+    """The SaviorRec CTR ranker (``sidforge train ranker [--sids RUN/tokenize-<name>]``).
+
+    Attributes:
+        name: output folder ``RUN/ranker-<name>`` (default ``ranker``), so ablations sit side by side.
+        content: the multimodal side: ``none`` (item-ID only), ``embed`` (the raw content embedding)
+            or ``align`` (the co-click aligned z); it is frozen either way.
+        modalities: embed modalities concatenated when ``content=embed`` (empty = all).
+        mba: the modal–behavior alignment codebooks (need semantic IDs, ``--sids``).
+        mba_skip: z_align = z + v_align (the paper's skip); false uses v_align alone.
+        mba_dim: width of each level's MBA codebook.
+        mba_hidden: hidden width of the fusion MLP.
+        attention: ``bidirectional`` (four target-attention blocks, the cross-space pair included) or
+            ``one_way`` (behavior target over the behavior sequence, multimodal over multimodal).
+        id_dim: item-ID embedding size (also the width both spaces are projected to).
+        attn_hidden: hidden width of each target-attention scoring MLP.
+        mlp: hidden widths of the prediction DNN.
+        dropout: dropout in the prediction DNN.
+        max_len: most recent history items a sample sees.
+        neg_ratio: sampled negatives per observed next item (training and evaluation alike).
+        sampler: ``uniform`` over the catalogue or ``popularity`` (p ∝ (train count + 1)^pop_power).
+        pop_power: exponent of the popularity sampler.
+        lr, weight_decay, batch_size: AdamW and samples per step per worker.
+        epochs, patience: epoch budget; evaluations without a better valid AUC before stopping.
+        num_workers, cpus_per_worker, max_failures: as in ``sasrec``.
+        seed: ``None`` uses the top-level ``seed``.
+    """
+
+    name: str = ""
+    content: Literal["none", "embed", "align"] = "align"
+    modalities: list[str] = field(default_factory=list)
+    mba: bool = True
+    mba_skip: bool = True
+    mba_dim: int = 64
+    mba_hidden: int = 128
+    attention: Literal["bidirectional", "one_way"] = "bidirectional"
+    id_dim: int = 64
+    attn_hidden: int = 64
+    mlp: list[int] = field(default_factory=lambda: [200, 80])
+    dropout: float = 0.0
+    max_len: int = 20
+    neg_ratio: int = 4
+    sampler: Literal["uniform", "popularity"] = "uniform"
+    pop_power: float = 0.75
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 1024
+    epochs: int = 10
+    patience: int = 2
+    num_workers: int = 0
+    cpus_per_worker: float = 1.0
+    max_failures: int = 1
+    seed: Union[int, None] = None
+
+    def __post_init__(self) -> None:
+        for name in ("mba_dim", "mba_hidden", "id_dim", "attn_hidden", "max_len", "neg_ratio", "batch_size",
+                     "epochs", "patience"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"ranker.{name} must be >= 1, got {getattr(self, name)}")
+        if any(w < 1 for w in self.mlp):
+            raise ConfigError(f"ranker.mlp widths must be >= 1, got {self.mlp}")
+        if self.content == "none" and self.mba:
+            raise ConfigError("ranker.mba needs a content embedding to align; set ranker.content=embed|align "
+                              "or ranker.mba=false (item-ID only)")
+        if self.content == "none" and self.attention == "bidirectional":
+            raise ConfigError("ranker.attention=bidirectional needs two spaces; with ranker.content=none set "
+                              "ranker.attention=one_way")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"ranker.dropout must be in [0, 1), got {self.dropout}")
+        if self.lr <= 0 or self.weight_decay < 0 or self.pop_power < 0:
+            raise ConfigError("ranker.lr must be > 0, ranker.weight_decay >= 0 and ranker.pop_power >= 0")
+        if self.name and not all(c.isalnum() or c in "-_" for c in self.name):
+            raise ConfigError(f"ranker.name={self.name!r} may hold only letters, digits, '-' and '_'")
+        if self.num_workers < 0 or self.cpus_per_worker <= 0:
+            raise ConfigError("ranker.num_workers must be >= 0 (0 = in-process) and ranker.cpus_per_worker > 0")
+        if self.max_failures < -1:
+            raise ConfigError("ranker.max_failures must be >= -1 (-1 = retry forever)")
+
+    @property
+    def output_name(self) -> str:
+        """The stage (and folder) name: ``ranker-<name>`` or ``ranker``."""
+        return f"ranker-{self.name}" if self.name else "ranker"
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole experiment. Each YAML under ``configs/`` is one of these."""
 
@@ -460,6 +610,8 @@ class Config:
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
     generative: GenerativeTrainConfig = field(default_factory=GenerativeTrainConfig)
+    align: AlignTrainConfig = field(default_factory=AlignTrainConfig)
+    ranker: RankerTrainConfig = field(default_factory=RankerTrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

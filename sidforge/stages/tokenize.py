@@ -263,7 +263,7 @@ def _input_fingerprints(tcfg: TokenizeConfig, run_dir: RunDir, data_dir: Path | 
         return out
     src = _source_path(tcfg, run_dir)
     if not src.is_file():
-        hint = "sidforge embed" if tcfg.source == "embed" else "sidforge train sasrec"
+        hint = {"embed": "sidforge embed", "align": "sidforge train align"}.get(tcfg.source, "sidforge train sasrec")
         raise DataError(f"{src} not found; run `{hint}` first (tokenize.source={tcfg.source})")
     return fingerprint_files([src], root=run_dir.path)
 
