@@ -102,8 +102,12 @@ class TargetAttention(nn.Module):
         Returns:
             (B, D) attention-weighted sum of the keys; zeros for an empty sequence.
         """
-        q = query.unsqueeze(1).expand_as(keys)  # (B, T, D)
-        logits = self.score(torch.cat([q, keys, q - keys, q * keys], dim=-1)).squeeze(-1)  # (B, T)
+        first, rest = self.score[0], self.score[1:]
+        w_q, w_k, w_diff, w_prod = first.weight.split(query.shape[-1], dim=1)  # each (H, D)
+        # first([q, k, q - k, q * k]) without building the (B, T, 4D) input
+        hidden = ((query @ (w_q + w_diff).T + first.bias).unsqueeze(1) + keys @ (w_k - w_diff).T
+                  + (query.unsqueeze(1) * keys) @ w_prod.T)  # (B, T, H)
+        logits = rest(hidden).squeeze(-1)  # (B, T)
         logits = logits.masked_fill(~mask, float("-inf"))
         weights = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # an all-padding row gives NaN -> 0
         return torch.einsum("bt,btd->bd", weights, keys)
@@ -213,10 +217,18 @@ class SaviorRanker(nn.Module):
             labels: optional (B,) 0/1 clicks; adds the mean BCE loss.
         """
         mask = history != self.config.pad_id  # (B, T)
-        h_t, h_seq = self.behavior(target), self.behavior(history)  # (B, D), (B, T, D)
+        b, t = history.shape
+        # Each item's vectors once per batch: histories repeat across a positive and its negatives.
+        items, inverse = torch.unique(torch.cat([target, history.reshape(-1)]), return_inverse=True)
+
+        def per_position(table: Tensor) -> tuple[Tensor, Tensor]:
+            rows = table[inverse]
+            return rows[:b], rows[b:].view(b, t, -1)  # (B, D), (B, T, D)
+
+        h_t, h_seq = per_position(self.behavior(items))
         parts = [h_t, self.attention[0](h_t, h_seq, mask)]
         if self.config.content_dim:
-            m_t, m_seq = self.multimodal(target), self.multimodal(history)
+            m_t, m_seq = per_position(self.multimodal(items))
             parts += [m_t, self.attention[1](m_t, m_seq, mask)]
             if self.config.bidirectional:
                 parts += [self.attention[2](h_t, m_seq, mask), self.attention[3](m_t, h_seq, mask)]

@@ -132,3 +132,13 @@ def test_item_tables_are_checked():
         model.set_item_tables(torch.zeros(N, 1), torch.zeros(N, C + 1), torch.zeros(N, 1, dtype=torch.long))
     with pytest.raises(ValueError, match="codes must lie"):
         model.set_item_tables(torch.zeros(N, 1), torch.zeros(N, C), torch.full((N, 1), K))
+
+
+def test_attention_scores_equal_the_concatenated_din_input():
+    att = TargetAttention(dim=4, hidden=8)
+    q, keys = torch.randn(3, 4), torch.randn(3, 5, 4)
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    qe = q.unsqueeze(1).expand_as(keys)
+    logits = att.score(torch.cat([qe, keys, qe - keys, qe * keys], dim=-1)).squeeze(-1)
+    expect = torch.einsum("bt,btd->bd", torch.softmax(logits, dim=-1), keys)
+    assert torch.allclose(att(q, keys, mask), expect, atol=1e-6)
