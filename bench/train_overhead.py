@@ -3,7 +3,7 @@
     .venv/bin/python bench/train_overhead.py                          # Amazon Beauty, 4 epochs, 2 threads
     .venv/bin/python bench/train_overhead.py --config configs/tiny.yaml --epochs 3
 
-Three rows, the same model, optimiser, seeds and batches (``sasrec._length_buckets`` over one
+Three rows, the same model, optimiser, seeds and batches (``sasrec.length_buckets`` over one
 permutation per epoch), no validation:
 
 * ``plain``: a hand-written loop in this process (``model.loss``, backward, AdamW step), torch
@@ -73,7 +73,7 @@ def plain_epochs(config: dict[str, Any], threads: int) -> dict[str, Any]:
         model.train()
         order = np.random.default_rng(seed + epoch).permutation(len(data.train_inputs))
         total, n = 0.0, 0
-        for rows in sasrec._length_buckets(order, data.train_inputs, pad, bs, seed=seed + epoch):
+        for rows in sasrec.length_buckets(order, data.train_inputs, pad, bs, seed=seed + epoch):
             inputs, targets = sasrec._trimmed([data.train_inputs[rows], data.train_targets[rows]], pad,
                                               torch.device("cpu"))
             out = model.loss(inputs, targets)

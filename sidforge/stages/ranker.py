@@ -50,6 +50,7 @@ from sidforge.platform.training import (
     remove_run,
     run_name,
 )
+from sidforge.stages.sasrec import length_buckets
 
 log = logging.getLogger(__name__)
 
@@ -386,8 +387,8 @@ def _train_epoch(ctx: WorkerContext, step: torch.nn.Module, opt: torch.optim.Opt
     order = ctx.shard(len(data.train_target), seed=config["seed"] + epoch)
     rng = np.random.default_rng([config["seed"], epoch, ctx.rank])
     total, n = 0.0, 0
-    for start in range(0, len(order), per_batch):
-        rows = order[start : start + per_batch]
+    # batches of similar history length: most Beauty histories are far shorter than max_len
+    for rows in length_buckets(order, data.train_hist, data.num_items, per_batch, seed=config["seed"] + epoch):
         pos = data.train_target[rows]
         items = np.concatenate([pos[:, None], sample_negatives(rng, pos, ratio, data.pool, data.pool_p)], axis=1)
         labels = np.zeros(items.shape, dtype=np.float32)

@@ -20,6 +20,13 @@ comparison with figures published under it; selection never looks at either.
 Training checkpoints live in ``RUN/_train/sasrec-<config hash>-<inputs hash>/`` while the stage runs; a
 stage killed mid-training resumes from its last epoch when run again with the same config and inputs
 (``force`` starts over). They are deleted once the outputs are written.
+
+BBQRec variants (``sasrec.reweight=sid``, ``sasrec.contrastive_weight``) run through the same stage: the
+attention is reweighted by the SID similarity of the items (:class:`sidforge.models.sasrec.SIDSimilarityBias`),
+reading the ``codes`` column of a tokenizer's ``sids.parquet`` (the semantic levels; the collision digit
+is an arbitrary rank, so equal digits say nothing about two items). A variant with ``sasrec.name`` writes
+``RUN/sasrec-<name>/`` (a reweighted one without a name ``RUN/sasrec-sid/``), so ``RUN/sasrec``, the
+behavior embeddings the tokenizers read, stays the plain model; its metrics add the learned level weights.
 """
 
 from __future__ import annotations
@@ -69,53 +76,90 @@ ITEM_EMBEDDINGS = pa.schema([("item_id", pa.int64()), ("embedding", pa.list_(pa.
 # entry point
 
 
-def run(cfg: Config, run_dir: RunDir, force: bool = False) -> StageResult:
-    """Train SASRec on ``RUN/prepare`` (or skip when config and inputs are unchanged); see the module doc."""
+def run(cfg: Config, run_dir: RunDir, sids: str | Path | None = None, force: bool = False) -> StageResult:
+    """Train SASRec on ``RUN/prepare`` (or skip when config and inputs are unchanged); see the module doc.
+
+    Args:
+        cfg: the experiment; its ``sasrec`` section picks the variant and the output folder.
+        run_dir: the run directory.
+        sids: a tokenizer's folder ``RUN/tokenize-<name>``; required with ``sasrec.reweight=sid``,
+            ignored otherwise.
+        force: train again even when the recorded outputs are current.
+    """
     t0 = time.perf_counter()
+    stage = cfg.sasrec.output_name
+    sids = _sids_folder(cfg, sids)
     config_hash = stage_config_hash(cfg)
-    inputs = _input_fingerprints(run_dir)
-    if not force and (cached := run_dir.cached(STAGE, config_hash, inputs)) is not None:
+    inputs = _input_fingerprints(run_dir, sids)
+    if not force and (cached := run_dir.cached(stage, config_hash, inputs)) is not None:
         return cached
     data = load_sequences(run_dir.stage_dir("prepare"), cfg.sasrec.max_len)
-    train_run = _run_settings(cfg, run_dir, config_hash, inputs)
-    config = loop_config(cfg, data)
+    codes = load_codes(sids, data.num_items) if sids is not None else None
+    train_run = _run_settings(cfg, run_dir, stage, config_hash, inputs)
+    config = loop_config(cfg, data, codes)
     result = fit(train_sasrec, config,
                  ScalingSettings(cfg.sasrec.num_workers, cpus_per_worker=cfg.sasrec.cpus_per_worker),
                  train_run, fresh=force)
-    with run_dir.writing(STAGE) as out:
-        metrics = _write_outputs(out, result, data, config["model"], config["exclude_history"])
+    with run_dir.writing(stage) as out:
+        metrics = _write_outputs(out, result, data, config["model"], config["exclude_history"], sids)
     remove_run(train_run)
     rows = {"items": data.num_items, "train_sequences": len(data.train_inputs),
             "valid_cases": len(data.valid_target), "test_cases": len(data.test_target)}
-    result = run_dir.finish(STAGE, config_hash, inputs, rows, metrics, t0)
-    log.info("sasrec: wrote %s in %.1f s (test recall@10 %.4f)", result.out_dir, result.wall_time_s,
+    result = run_dir.finish(stage, config_hash, inputs, rows, metrics, t0)
+    log.info("%s: wrote %s in %.1f s (test recall@10 %.4f)", stage, result.out_dir, result.wall_time_s,
              metrics["test"].get("recall@10", 0.0))
     return result
 
 
-_OPERATIONAL = ("cpus_per_worker", "max_failures")  # how a run is executed, not what it computes
+_OPERATIONAL = ("cpus_per_worker", "max_failures", "name")  # how a run is executed (and where it goes)
+_REWEIGHT_KEYS = ("reweight", "reweight_match", "reweight_init", "reweight_learned", "reweight_per_head")
+_CONTRASTIVE_KEYS = ("contrastive_weight", "contrastive_temperature")
 
 
 def stage_config_hash(cfg: Config) -> str:
-    """Hash of what the outputs depend on: the ``sasrec`` section (minus operational keys) and the seed."""
-    section = {k: v for k, v in dataclasses.asdict(cfg.sasrec).items() if k not in _OPERATIONAL}
+    """Hash of what the outputs depend on: the ``sasrec`` section (minus operational keys) and the seed.
+
+    The BBQRec settings count only when they are switched on (``reweight=sid``, ``contrastive_weight > 0``),
+    so a plain SASRec keeps the hash it had before they existed (its recorded runs stay current).
+    """
+    s = cfg.sasrec
+    unused = _OPERATIONAL + (_REWEIGHT_KEYS if s.reweight == "none" else ()) + (
+        _CONTRASTIVE_KEYS if s.contrastive_weight == 0 else ())
+    section = {k: v for k, v in dataclasses.asdict(s).items() if k not in unused}
     payload = json.dumps({"sasrec": section, "seed": cfg.seed}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def _input_fingerprints(run_dir: RunDir) -> dict[str, str]:
+def _sids_folder(cfg: Config, sids: str | Path | None) -> Path | None:
+    if cfg.sasrec.reweight == "none":
+        return None
+    if sids is None:
+        raise DataError("sasrec.reweight=sid needs semantic IDs: pass --sids RUN/tokenize-<name> (or set "
+                        "sasrec.reweight=none)")
+    return Path(sids).expanduser().resolve()
+
+
+def _input_fingerprints(run_dir: RunDir, sids: Path | None = None) -> dict[str, str]:
     prep = run_dir.stage_dir("prepare")
     inter = prep / "interactions"
     if not inter.is_dir() or not (prep / "item_stats.parquet").is_file():
         raise DataError(f"{prep} has no interactions/ or item_stats.parquet; run `sidforge prepare` first")
     files = [p for p in inter.rglob("*") if p.is_file()] + [prep / "item_stats.parquet"]
-    return fingerprint_files(files, root=run_dir.path)
+    out = fingerprint_files(files, root=run_dir.path)
+    if sids is not None:
+        if not (sids / "sids.parquet").is_file():
+            raise DataError(f"{sids / 'sids.parquet'} not found; run `sidforge tokenize` first or point --sids "
+                            "at a RUN/tokenize-<name> folder")
+        out.update(fingerprint_files([sids / "sids.parquet"],
+                                     root=run_dir.path if sids.is_relative_to(run_dir.path) else None))
+    return out
 
 
-def _run_settings(cfg: Config, run_dir: RunDir, config_hash: str, inputs: dict[str, str]) -> RunSettings:
+def _run_settings(cfg: Config, run_dir: RunDir, stage: str, config_hash: str,
+                  inputs: dict[str, str]) -> RunSettings:
     # Named by config and inputs: an interrupted stage resumes, a changed one starts afresh.
     inputs_hash = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
-    return RunSettings(name=run_name(STAGE, config_hash, inputs_hash), storage_path=run_dir.path / "_train",
+    return RunSettings(name=run_name(stage, config_hash, inputs_hash), storage_path=run_dir.path / "_train",
                        max_failures=cfg.sasrec.max_failures, checkpoints_to_keep=2, monitor=MONITOR,
                        mode="max", patience=cfg.sasrec.patience)
 
@@ -194,6 +238,23 @@ def build_sequences(interactions: pa.Table, bucket: np.ndarray, max_len: int) ->
                      test_target, np.asarray(bucket).astype(str))
 
 
+def load_codes(sids: Path, num_items: int) -> np.ndarray:
+    """The semantic ``codes`` of every item (no collision digit) as a -1-padded (num_items, L) int64 array."""
+    table = pq.read_table(sids / "sids.parquet", columns=["item_id", "codes"])
+    item_id = table.column("item_id").to_numpy()
+    lists = table.column("codes").to_pylist()
+    if len(item_id) != num_items or not np.array_equal(np.sort(item_id), np.arange(num_items)):
+        raise DataError(f"{sids}/sids.parquet must give exactly one ID to each of the {num_items} items of "
+                        "prepare; re-run `sidforge tokenize` on this run")
+    width = max(len(c) for c in lists)
+    codes = np.full((num_items, width), -1, dtype=np.int64)
+    for i, c in zip(item_id, lists):
+        codes[i, : len(c)] = c
+    if (codes[:, 0] < 0).any() or (codes < -1).any():
+        raise DataError(f"{sids}/sids.parquet: every ID needs at least one code and codes must be >= 0")
+    return codes
+
+
 def load_sequences(prepare_dir: Path, max_len: int) -> Sequences:
     """:func:`build_sequences` over ``RUN/prepare``."""
     inter = pq.read_table(prepare_dir / "interactions", columns=["user_id", "item_id", "position", "split"])
@@ -211,21 +272,27 @@ def load_sequences(prepare_dir: Path, max_len: int) -> Sequences:
 # the per-worker training loop
 
 
-def loop_config(cfg: Config, data: Sequences) -> dict[str, Any]:
-    """What :func:`train_sasrec` receives: model fields, optimiser settings and the data."""
+def loop_config(cfg: Config, data: Sequences, codes: np.ndarray | None = None) -> dict[str, Any]:
+    """What :func:`train_sasrec` receives: model fields, optimiser settings, the data and the SID codes."""
     s = cfg.sasrec
     model = SASRecConfig(num_items=data.num_items, max_len=s.max_len, hidden=s.hidden, num_layers=s.layers,
-                         num_heads=s.heads, ffn_hidden=s.ffn_hidden, dropout=s.dropout, loss=s.loss)
+                         num_heads=s.heads, ffn_hidden=s.ffn_hidden, dropout=s.dropout, loss=s.loss,
+                         sid_levels=0 if codes is None else codes.shape[1], reweight_match=s.reweight_match,
+                         reweight_init=s.reweight_init, reweight_learned=s.reweight_learned,
+                         reweight_per_head=s.reweight_per_head, contrastive_weight=s.contrastive_weight,
+                         contrastive_temperature=s.contrastive_temperature)
     return {"model": dataclasses.asdict(model), "lr": s.lr, "weight_decay": s.weight_decay,
             "batch_size": s.batch_size, "epochs": s.epochs, "eval_every": s.eval_every,
-            "exclude_history": s.exclude_history, "seed": cfg.seed if s.seed is None else s.seed, "data": data}
+            "exclude_history": s.exclude_history, "seed": cfg.seed if s.seed is None else s.seed, "data": data,
+            "sid_codes": codes}
 
 
 def train_sasrec(ctx: WorkerContext, config: dict[str, Any]) -> dict[str, Any]:
     """Per-worker loop: train, evaluate on valid, checkpoint each epoch; then score the best epoch."""
     data: Sequences = config["data"]
     torch.manual_seed(config["seed"])  # identical init on every rank
-    model = SASRec(SASRecConfig(**config["model"]))
+    codes = config.get("sid_codes")
+    model = SASRec(SASRecConfig(**config["model"]), None if codes is None else torch.from_numpy(codes))
     if (state := ctx.load_checkpoint()) is not None:
         model.load_state_dict(state["model"])
     step = ctx.prepare_model(model, method="loss")
@@ -264,8 +331,8 @@ def _trimmed(arrays: list[np.ndarray], pad: int, device: torch.device) -> list[t
     return [torch.as_tensor(a[:, first:], device=device) for a in arrays]
 
 
-def _length_buckets(order: np.ndarray, inputs: np.ndarray, pad: int, batch_size: int, seed: int,
-                    window: int = 32) -> list[np.ndarray]:
+def length_buckets(order: np.ndarray, inputs: np.ndarray, pad: int, batch_size: int, seed: int,
+                   window: int = 32) -> list[np.ndarray]:
     """Batches of similar-length sequences, so little compute goes to padding.
 
     Within windows of ``window`` batches of the (already shuffled) order, rows are sorted by length and
@@ -288,7 +355,7 @@ def _train_epoch(ctx: WorkerContext, step: torch.nn.Module, opt: torch.optim.Opt
     step.train()
     order = ctx.shard(len(data.train_inputs), seed=config["seed"] + epoch)
     bs, total, n = config["batch_size"], 0.0, 0
-    for rows in _length_buckets(order, data.train_inputs, data.num_items, bs, seed=config["seed"] + epoch):
+    for rows in length_buckets(order, data.train_inputs, data.num_items, bs, seed=config["seed"] + epoch):
         inputs, targets = _trimmed([data.train_inputs[rows], data.train_targets[rows]], data.num_items, ctx.device)
         out = step(inputs, targets)
         opt.zero_grad(set_to_none=True)
@@ -326,7 +393,7 @@ def evaluate(ctx: WorkerContext, model: SASRec, hist: np.ndarray, target: np.nda
 
 
 def _write_outputs(out: Path, result: FitResult, data: Sequences, model_config: dict[str, Any],
-                   exclude_history: bool) -> dict[str, Any]:
+                   exclude_history: bool, sids: Path | None = None) -> dict[str, Any]:
     """Embeddings and model of the best epoch, and the metrics; returns the manifest metrics."""
     if result.best_checkpoint is None:
         raise RuntimeError(f"sasrec: the best checkpoint (epoch {result.best_epoch}) is missing under {result.path}")
@@ -337,13 +404,18 @@ def _write_outputs(out: Path, result: FitResult, data: Sequences, model_config: 
                       "embedding": pa.array(list(emb), type=pa.list_(pa.float32())), "norm": norm},
                      schema=ITEM_EMBEDDINGS)
     pq.write_table(table, out / "item_embeddings.parquet")
-    torch.save({"config": model_config, "state_dict": state}, out / "model.pt")
+    saved: dict[str, Any] = {"config": model_config, "state_dict": state}
+    if sids is not None:
+        saved["sids"] = str(sids)  # provenance only: the codes themselves are in the state (sid_codes)
+    torch.save(saved, out / "model.pt")
     if not result.value["replicas_agree"]:
         raise RuntimeError("sasrec: the workers' model replicas diverged; gradients were not synchronised")
     other = "test_history_kept" if exclude_history else "test_history_excluded"
     metrics = {"best_epoch": result.best_epoch, "epochs_run": len(result.history),
                "stopped_early": result.stopped_early, "valid": result.value["valid"], "test": result.value["test"],
                other: result.value["test_other_protocol"]}
+    if "sid_bias.weight" in state:  # (H', L) level weights of the reweighting, as trained
+        metrics["reweight_weights"] = state["sid_bias.weight"].float().tolist()
     (out / "metrics.json").write_text(json.dumps({**metrics, "history": result.history}, indent=2))
     return metrics
 
