@@ -2,7 +2,7 @@
 
 A trainer is a per-worker function ``train_fn(ctx, config)`` written against :class:`WorkerContext`
 and pure PyTorch; :func:`fit` runs it on ``num_workers`` Ray Train workers (DDP over gloo or NCCL), or
-in the calling process when ``num_workers=0`` (Train V2 local mode, for unit tests)::
+in the calling process when ``num_workers=0`` (plain PyTorch, for unit tests and Tune trials)::
 
     def train_fn(ctx: WorkerContext, config: dict) -> dict:
         model = build_model(config)
@@ -35,9 +35,11 @@ What the runner guarantees, in both modes:
   updates the best value; after ``patience`` such reports without improvement ``ctx.should_stop``
   turns true and ``ctx.epochs`` ends. Every rank applies rank 0's value (broadcast), so all ranks stop
   at the same epoch.
-- **In-process mode** (``num_workers=0``). Train V2's local mode runs the function in this process but
-  persists nothing and never retries; the runner adds both (same directory layout, same retry
-  semantics), so unit tests exercise resume and failure handling in seconds. It needs no Ray cluster.
+- **In-process mode** (``num_workers=0``). The function runs in this process as plain PyTorch (rank 0
+  of 1) with the same checkpoint layout and retry semantics, so unit tests exercise resume and failure
+  handling in seconds. It needs no Ray cluster and opens no Ray Train session, so it also runs inside
+  a Ray Tune trial (Ray refuses ``ray.train.*`` calls there); :func:`epoch_reporting` forwards its
+  epochs to the trial.
 
 GPU use is decided from the cluster's resources (:func:`sidforge.platform.runtime.use_gpu`), never from
 the driver. Storage is a local path here; on a multi-node cluster it must be shared (NFS) or a URI.
@@ -52,6 +54,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -69,6 +72,7 @@ __all__ = [
     "TrainFn",
     "WorkerContext",
     "checkpoint_dir_name",
+    "epoch_reporting",
     "fit",
     "load_state",
     "remove_run",
@@ -83,6 +87,31 @@ PROGRESS_FILE = "progress.json"
 # and a tie with the best is no new best, so the retained checkpoint is always the one best_epoch names.
 SCORE_KEY = "_score"
 _EPOCH_DIR = re.compile(r"^epoch_(\d+)$")
+
+
+# Set by epoch_reporting() (a Ray Tune trial): where each finished epoch is also reported.
+_EPOCH_HOOKS: list[Callable[[dict[str, Any]], None]] = []
+_EXTRA_CALLBACKS: list[Any] = []
+
+
+@contextmanager
+def epoch_reporting(hook: Callable[[dict[str, Any]], None], callbacks: Sequence[Any] = ()) -> Iterator[None]:
+    """While active, every :func:`fit` in this process also reports each finished epoch elsewhere.
+
+    In-process runs call ``hook(row)`` on rank 0 once the epoch's checkpoint is persisted (``row`` is
+    the history row: ``epoch`` plus the reported metrics); distributed runs, whose workers live in other
+    processes, get ``callbacks`` added to their ``RunConfig`` instead (e.g. Tune's
+    ``TuneReportCallback``). This is how a Tune trial sees the epochs of the stage it runs, so ASHA
+    can stop it, without the stages knowing about Tune.
+    """
+    _EPOCH_HOOKS.append(hook)
+    _EXTRA_CALLBACKS.extend(callbacks)
+    try:
+        yield
+    finally:
+        _EPOCH_HOOKS.remove(hook)
+        for cb in callbacks:
+            _EXTRA_CALLBACKS.remove(cb)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -231,13 +260,17 @@ class WorkerContext:
     """
 
     def __init__(self, run: RunSettings, local: bool) -> None:
-        import ray.train
-        import ray.train.torch
+        if local:  # plain PyTorch in this process: no Ray Train session (so it also runs inside a Tune trial)
+            self.rank, self.world_size = 0, 1
+            self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        else:
+            import ray.train
+            import ray.train.torch
 
-        tctx = ray.train.get_context()
-        self.rank: int = tctx.get_world_rank()
-        self.world_size: int = tctx.get_world_size()
-        self.device: torch.device = ray.train.torch.get_device()
+            tctx = ray.train.get_context()
+            self.rank = tctx.get_world_rank()
+            self.world_size = tctx.get_world_size()
+            self.device = ray.train.torch.get_device()
         self._run = run
         self._local = local
         self._resume: Any = None  # the ray.train.Checkpoint resumed from
@@ -249,16 +282,23 @@ class WorkerContext:
 
     # -- resume ------------------------------------------------------------------------------
 
-    def _find_resume_point(self) -> None:
-        import ray.train
-
+    @contextmanager
+    def _checkpoint_dir(self) -> Iterator[Path]:
         if self._local:
-            latest = _latest_local_checkpoint(self._run.path)
-            self._resume = ray.train.Checkpoint.from_directory(str(latest)) if latest is not None else None
+            yield Path(self._resume)
         else:
+            with self._resume.as_directory() as d:
+                yield Path(d)
+
+    def _find_resume_point(self) -> None:
+        if self._local:
+            self._resume = _latest_local_checkpoint(self._run.path)  # a folder, or None
+        else:
+            import ray.train
+
             self._resume = ray.train.get_checkpoint()
         if self._resume is not None:
-            with self._resume.as_directory() as d:  # a download only for remote storage
+            with self._checkpoint_dir() as d:  # a download only for remote storage
                 p = _Progress(**json.loads((Path(d) / PROGRESS_FILE).read_text()))
             # Decide again under the current patience: a restart may grant a larger one.
             p.stopped = self._run.patience is not None and p.bad_reports >= self._run.patience
@@ -268,7 +308,7 @@ class WorkerContext:
         """The state of the checkpoint resumed from (on this worker's device), or ``None``."""
         if self._resume is None:
             return None
-        with self._resume.as_directory() as d:
+        with self._checkpoint_dir() as d:
             return load_state(d, map_location=self.device)
 
     def load_best(self) -> dict[str, Any] | None:
@@ -325,6 +365,9 @@ class WorkerContext:
                 log.info("%s epoch %d: %s", self._run.name, epoch, _fmt(row))
             if self._local:
                 _persist_local(Path(tmp), self._run, epoch)
+                if self.rank == 0:
+                    for hook in list(_EPOCH_HOOKS):
+                        hook(row)
             else:
                 import ray.train
 
@@ -367,9 +410,11 @@ class WorkerContext:
         ``m.loss(x, y)`` with gradient sync. ``model`` itself is moved in place: keep using it for
         evaluation and ``state_dict``.
         """
+        target: nn.Module = model if method == "forward" else _MethodModule(model, method)
+        if self._local:
+            return target.to(self.device)
         import ray.train.torch
 
-        target: nn.Module = model if method == "forward" else _MethodModule(model, method)
         return ray.train.torch.prepare_model(target, move_to_device=self.device)
 
     def shard(self, n: int, seed: int | None = None, even: bool = True) -> np.ndarray:
@@ -436,7 +481,7 @@ def _fmt(row: dict[str, Any]) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# In-process persistence (Train V2 local mode keeps checkpoints in memory only)
+# In-process persistence
 
 
 def _epoch_dirs(path: Path) -> dict[int, Path]:
@@ -553,7 +598,7 @@ def _trainer(entry: Callable[[dict[str, Any]], Any], loop_config: dict[str, Any]
         storage_path=str(run.path.parent),
         checkpoint_config=checkpoint_config,
         failure_config=ray.train.FailureConfig(max_failures=run.max_failures),
-        callbacks=list(run.callbacks) or None,
+        callbacks=[*run.callbacks, *(_EXTRA_CALLBACKS if scaling.num_workers > 0 else ())] or None,
     )
     scaling_config = ray.train.ScalingConfig(num_workers=n, use_gpu=gpu,
                                              resources_per_worker=resources if n > 0 else None)
@@ -569,12 +614,12 @@ def _fit_distributed(entry: Callable[[dict[str, Any]], Any], loop_config: dict[s
 
 def _fit_in_process(entry: Callable[[dict[str, Any]], Any], loop_config: dict[str, Any],
                     run: RunSettings) -> dict[str, Any]:
-    """Local mode, plus the retries Ray's FailureConfig gives distributed runs."""
-    trainer = _trainer(entry, loop_config, ScalingSettings(num_workers=0), run)
+    """The train function in this process (plain PyTorch, no Ray Train session), with the checkpoints
+    and the retries Ray's FailureConfig gives distributed runs."""
     failures = 0
     while True:
         try:
-            return trainer.fit().return_value
+            return entry(loop_config)
         except Exception as e:
             failures += 1
             if run.max_failures != -1 and failures > run.max_failures:
