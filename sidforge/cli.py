@@ -2,10 +2,13 @@
 
     sidforge prepare --config configs/amazon-beauty.yaml [--set prepare.coclick.window=5]
     sidforge tokenize --config configs/amazon-beauty.yaml --method rqkmeans
+    sidforge tokenize --config configs/amazon-beauty.yaml --method bbq          (after train sasrec)
+    sidforge train sasrec --config configs/amazon-beauty.yaml --reweight sid --sids runs/amazon-beauty/tokenize-bbq
     sidforge train generative --config configs/amazon-beauty.yaml --sids runs/amazon-beauty/tokenize-rqvae
     sidforge train align --config configs/amazon-beauty-savior.yaml
     sidforge train ranker --config configs/amazon-beauty-savior.yaml --sids runs/amazon-beauty-savior/tokenize-aligned
     sidforge evaluate --model runs/amazon-beauty/generative-rqvae
+    sidforge serve runs/amazon-beauty-savior --config configs/amazon-beauty-savior.yaml --set serve.ranker=ranker-full-s0
     sidforge data list | sidforge data pull amazon-beauty-2014
 
 Stages run on an embedded local Ray cluster unless ``--address`` or ``RAY_ADDRESS`` names one.
@@ -47,8 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a model stage on Ray Train (after prepare)")
     p.add_argument("model", choices=["sasrec", "align", "ranker", "generative"], help="which trainer")
-    p.add_argument("--sids", help="generative, ranker: the IDs' folder RUN/tokenize-<name> (default: the "
-                                  "config's tokenize output in the run directory)")
+    p.add_argument("--sids", help="generative, ranker, sasrec --reweight sid: the IDs' folder RUN/tokenize-<name> "
+                                  "(default: the config's tokenize output in the run directory)")
+    p.add_argument("--reweight", choices=["none", "sid"],
+                   help="sasrec: BBQRec's attention reweighting by SID similarity (default: sasrec.reweight)")
     _add_common(p)
 
     p = sub.add_parser("evaluate", help="re-score a trained generative model on its run's test split")
@@ -58,8 +63,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="users per beam-search batch")
 
     p = sub.add_parser("tokenize", help="semantic IDs from item embeddings, with a quality report (after embed)")
-    p.add_argument("--method", choices=["rqvae", "rqkmeans", "precomputed"],
+    p.add_argument("--method", choices=["rqvae", "rqkmeans", "bbq", "precomputed"],
                    help="tokenizer (default: the config's tokenize.method)")
+    _add_common(p)
+
+    p = sub.add_parser("serve", help="serve a run over HTTP with Ray Serve: assign IDs to new items, recommend, rank")
+    p.add_argument("run", nargs="?", metavar="RUN_DIR", help="the run directory (default: the config's run_dir)")
+    p.add_argument("--host", help="listen address (default: serve.host, 127.0.0.1)")
+    p.add_argument("--port", type=int, help="listen port (default: serve.port, 8000)")
+    _add_common(p)
+
+    p = sub.add_parser("tune", help="Ray Tune sweep of a search space (spaces/*.yaml) over the config's stages")
+    p.add_argument("--space", required=True, help="search space YAML, e.g. spaces/savior-enc.yaml")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep of this space")
+    p.add_argument("--fresh", action="store_true", help="delete an earlier sweep of this space first")
+    p.add_argument("--num-samples", type=int, help="trials (default: the space's num_samples)")
+    p.add_argument("--no-evaluate", action="store_true", help="skip the one test-split run of the best config")
     _add_common(p)
 
     p = sub.add_parser("config", help="print the resolved config as YAML")
@@ -126,6 +145,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from sidforge.platform.artifacts import RunDir
     from sidforge.platform.runtime import init_ray
 
+    if getattr(args, "reweight", None):
+        args.overrides = [f"sasrec.reweight={args.reweight}", *args.overrides]
     cfg = _config(args)
     run_dir = RunDir(cfg.run_dir)
     if args.model == "generative":
@@ -155,7 +176,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         if cfg.sasrec.num_workers > 0 or args.address:
             init_ray(args.address)
-        result = sasrec.run(cfg, run_dir, force=args.force)
+        sids = Path(args.sids) if args.sids else run_dir.stage_dir(cfg.tokenize.output_name)
+        result = sasrec.run(cfg, run_dir, sids if cfg.sasrec.reweight == "sid" else None, force=args.force)
     status = "unchanged (skipped)" if result.skipped else f"trained in {result.wall_time_s:.1f} s"
     print(f"train {args.model}: {status} -> {result.out_dir}")
     splits = {"valid": result.metrics.get("valid", {}), "test": result.metrics.get("test", {})}
@@ -222,7 +244,7 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
     if args.method:
         args.overrides = [f"tokenize.method={args.method}", *args.overrides]
     cfg = _config(args)
-    if cfg.tokenize.rqvae.num_workers > 0 or args.address:
+    if cfg.tokenize.rqvae.num_workers > 0 or cfg.tokenize.bbq.num_workers > 0 or args.address:
         init_ray(args.address)
     result = tokenize.run(cfg, RunDir(cfg.run_dir), resolve_data_dir(args.data_dir), force=args.force)
     status = "unchanged (skipped)" if result.skipped else f"done in {result.wall_time_s:.1f} s"
@@ -245,7 +267,52 @@ def quality_rows(q: dict) -> list[tuple[str, str]]:
             ("unique after collision step", f"{q['unique_after']:.1%}"), ("ID length", f"{q['sid_length']}")]
     if "recon_rel" in q:
         rows.insert(1, ("relative reconstruction error", f"{q['recon_rel']:.4f}"))
+    if "recon_rel_full" in q:  # bbq: codes + each item's modality-specific parts
+        rows.insert(2, ("reconstruction error with specific parts", f"{q['recon_rel_full']:.4f}"))
+    if q.get("behavior_coherence"):
+        rows.append(("behavior coherence per level", levels("behavior_coherence", ".3f")))
     return rows
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from sidforge.serving.app import serve_run
+    from sidforge.serving.plan import resolve
+
+    args.overrides = [*(f"serve.{k}={v}" for k in ("host", "port") if (v := getattr(args, k)) is not None),
+                      *args.overrides]
+    cfg = _config(args)
+    plan = resolve(cfg, args.run or cfg.run_dir)
+    print(f"serve: {plan.run_dir} (model {plan.version}, retriever {cfg.serve.retriever}) on "
+          f"http://{cfg.serve.host}:{cfg.serve.port}  (API docs at /docs; Ctrl-C stops)", flush=True)
+    serve_run(plan, args.address)
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from sidforge.platform.datasets import resolve_data_dir
+    from sidforge.platform.runtime import init_ray
+    from sidforge.tuning.spaces import load_space
+    from sidforge.tuning.sweep import run_sweep
+
+    if args.run_dir:
+        args.overrides = [*args.overrides, f"run_dir={args.run_dir}"]
+    space = load_space(args.space, args.config)
+    init_ray(args.address, extra_resources={"train_driver": space.max_concurrent})
+    res = run_sweep(args.config, args.overrides, space, data_dir=resolve_data_dir(args.data_dir),
+                    resume=args.resume, fresh=args.fresh, evaluate=not args.no_evaluate,
+                    num_samples=args.num_samples)
+    table = res.table
+    cols = ["trial_id", "status", space.metric, "iterations", *[p.path for p in space.params],
+            *[k for k in space.extra_metrics if k in table]]
+    rows = [[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row] for row in table[cols].itertuples(index=False)]
+    print(format_table(rows, cols))
+    print(f"tune {space.name}: {len(table)} trials, {(table['status'] == 'ERROR').sum()} failed -> {res.out_dir}")
+    if res.best_params is not None:
+        print(f"best {space.metric} = {res.best_value:.4f} with {res.best_params}; config: {res.best_config}")
+        if res.test:
+            print("test split of the best config (read once): "
+                  + ", ".join(f"{k}={v:.4f}" for k, v in sorted(res.test.items()) if "count" not in k))
+    return 0
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -284,7 +351,7 @@ def format_table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str
 
 
 COMMANDS = {"prepare": cmd_prepare, "embed": cmd_embed, "train": cmd_train, "tokenize": cmd_tokenize,
-            "evaluate": cmd_evaluate, "config": cmd_config, "data": cmd_data}
+            "evaluate": cmd_evaluate, "tune": cmd_tune, "config": cmd_config, "data": cmd_data, "serve": cmd_serve}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -315,6 +315,10 @@ class RQVAE(nn.Module):
         return RQVAEOutput(loss=recon + rq_loss, codes=codes,
                            metrics={"recon": recon.detach(), "rq": rq_loss.detach()})
 
+    def latent(self, x: Tensor) -> Tensor:
+        """The vector the codebooks quantize: (B, input_dim) → (B, latent_dim)."""
+        return self.encoder(x)
+
     @torch.no_grad()
     def encode(self, x: Tensor) -> Tensor:
         """Semantic IDs: (B, input_dim) → (B, L) int64."""

@@ -3,7 +3,8 @@
 The backbone that the later stages build on: its trained item embeddings are the "behavior
 embeddings" e_b of MMQ-v2 / ADA-SID, and its attention takes an additive ``attn_bias`` so that
 BBQRec's similarity reweighting (attention logits adjusted by the semantic-ID similarity of the two
-items) plugs in without touching the backbone.
+items, :class:`SIDSimilarityBias`) plugs in without touching the backbone. BBQRec's sequence-to-item
+contrastive loss is an optional extra term of :meth:`SASRec.loss`.
 
 Conventions (our choices where the paper leaves them open):
 
@@ -18,6 +19,21 @@ Conventions (our choices where the paper leaves them open):
   norm, as in the original implementation (which normalises before attention and FFN); the point-wise
   FFN uses GELU and an inner size ``ffn_hidden`` (RecBole's defaults) instead of the paper's ReLU/H.
 * **Output layer.** Tied to the item embedding: the score of item j is ``<h_t, E[j]>``.
+
+BBQRec's additions (our choices where the paper's summary is silent):
+
+* **Reweighting.** With ``sid_levels > 0`` the model holds every item's semantic-ID codes (a buffer,
+  ``-1`` = no code, the pad row has none) and adds ``bias_ij = sum_l w_l * m_l(i, j)`` to the attention
+  logits of every layer, where ``m_l`` is 1 when the items at positions i and j have equal codes at level
+  l (``reweight_match="level"``) or share the prefix up to level l (``"prefix"``, so the sum weighs the
+  shared prefix length). Adding ``b_ij`` to a logit multiplies key j's attention weight by ``exp(b_ij)``
+  before renormalisation: a reweighting, nothing else of the backbone changes. ``w`` is one vector per
+  head or shared, learned or fixed, initialised to ``reweight_init``; at 0 the outputs are bit-identical
+  to plain SASRec (in training, and in inference under ``no_grad``; in eval mode with autograd a mask
+  that needs a gradient sends SDPA to its math kernel, so the two agree to float rounding).
+* **Sequence-to-item contrastive loss** (``contrastive_weight > 0``): InfoNCE from the last position's
+  hidden state (the sequence) to its target item's embedding, cosine similarity over a temperature, the
+  batch's other target items as negatives (repeats of the same item are not negatives).
 """
 
 from __future__ import annotations
@@ -29,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["SASRec", "SASRecConfig", "SASRecOutput", "sample_negatives"]
+__all__ = ["SASRec", "SASRecConfig", "SASRecOutput", "SIDSimilarityBias", "sample_negatives"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +64,13 @@ class SASRecConfig:
             position, as in the original paper).
         layer_norm_eps: epsilon of every layer norm.
         init_std: standard deviation of the normal init of embeddings and linear weights.
+        sid_levels: L, the number of semantic-ID levels the attention reweighting reads; 0 = none.
+        reweight_match: ``"level"`` (per-level code matches) or ``"prefix"`` (cumulative prefix matches).
+        reweight_init: initial value of every level weight (0 = exactly plain SASRec at the start).
+        reweight_learned: train the level weights (else they stay at ``reweight_init``).
+        reweight_per_head: one weight vector per attention head instead of one for all heads.
+        contrastive_weight: weight of the sequence-to-item InfoNCE term (0 = off).
+        contrastive_temperature: its temperature.
     """
 
     num_items: int
@@ -60,6 +83,13 @@ class SASRecConfig:
     loss: Literal["ce", "bce"] = "ce"
     layer_norm_eps: float = 1e-12
     init_std: float = 0.02
+    sid_levels: int = 0
+    reweight_match: Literal["level", "prefix"] = "level"
+    reweight_init: float = 1.0
+    reweight_learned: bool = True
+    reweight_per_head: bool = False
+    contrastive_weight: float = 0.0
+    contrastive_temperature: float = 0.1
 
     def __post_init__(self) -> None:
         if self.num_items < 2:
@@ -85,6 +115,12 @@ class SASRecConfig:
             raise ValueError(f"layer_norm_eps={self.layer_norm_eps} must be > 0 (e.g. 1e-12 or 1e-5)")
         if self.init_std <= 0:
             raise ValueError(f"init_std={self.init_std} must be > 0 (e.g. 0.02)")
+        if self.sid_levels < 0:
+            raise ValueError(f"sid_levels={self.sid_levels} must be >= 0 (0 = no SID reweighting)")
+        if self.reweight_match not in ("level", "prefix"):
+            raise ValueError(f"reweight_match={self.reweight_match!r} is unknown; use 'level' or 'prefix'")
+        if self.contrastive_weight < 0 or self.contrastive_temperature <= 0:
+            raise ValueError("contrastive_weight must be >= 0 (0 = off) and contrastive_temperature > 0")
 
     @property
     def pad_id(self) -> int:
@@ -168,6 +204,47 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
 
+class SIDSimilarityBias(nn.Module):
+    """BBQRec's discretized similarity reweighting as an additive attention bias.
+
+    ``bias[b, h, i, j] = sum_l w[h, l] * m_l(i, j)``, with ``m_l`` the per-level code match or the
+    cumulative prefix match of the items at positions i and j (see the module docstring). A code of -1
+    (padding, or a level an ID does not have) matches nothing.
+
+    Args:
+        levels: L.
+        heads: rows of ``w``: the number of attention heads, or 1 to share one vector.
+        match: ``"level"`` or ``"prefix"``.
+        init: initial value of every weight.
+        learned: make ``w`` a parameter (else a fixed buffer).
+    """
+
+    def __init__(self, levels: int, heads: int = 1, match: str = "level", init: float = 1.0,
+                 learned: bool = True) -> None:
+        super().__init__()
+        self.prefix = match == "prefix"
+        w = torch.full((heads, levels), float(init))  # (H', L); a constant: the init draws no random numbers
+        if learned:
+            self.weight = nn.Parameter(w)
+        else:
+            self.register_buffer("weight", w)
+
+    def forward(self, codes: Tensor) -> Tensor:
+        """Bias from the codes of a batch of sequences.
+
+        Args:
+            codes: ``(B, T, L)`` long codes of the item at each position (-1 = none).
+
+        Returns:
+            ``(B, H', T, T)`` float bias (query on dim -2, key on dim -1).
+        """
+        q, k = codes[:, :, None, :], codes[:, None, :, :]  # (B, T, 1, L), (B, 1, T, L)
+        match = ((q == k) & (q >= 0)).to(self.weight.dtype)  # (B, T, T, L)
+        if self.prefix:
+            match = match.cumprod(dim=-1)  # 1 up to the first level where the codes differ
+        return torch.einsum("btsl,hl->bhts", match, self.weight)  # (B, H', T, T)
+
+
 class PointWiseFFN(nn.Module):
     """The same two-layer MLP applied at every position."""
 
@@ -205,9 +282,12 @@ class SASRec(nn.Module):
 
     Args:
         config: model hyper-parameters; see :class:`SASRecConfig` for the padding convention.
+        sid_codes: with ``config.sid_levels > 0``: optional ``(num_items, L)`` long semantic-ID codes
+            (-1 = no code at that level); they can also be set later (:meth:`set_sid_codes`) or loaded
+            with the state dict (buffer ``sid_codes``).
     """
 
-    def __init__(self, config: SASRecConfig) -> None:
+    def __init__(self, config: SASRecConfig, sid_codes: Tensor | None = None) -> None:
         super().__init__()
         self.config = config
         self.item_emb = nn.Embedding(config.num_items + 1, config.hidden, padding_idx=config.pad_id)
@@ -216,6 +296,27 @@ class SASRec(nn.Module):
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.num_layers)])
         self.ln_f = nn.LayerNorm(config.hidden, eps=config.layer_norm_eps)
         self.apply(self._init_weights)
+        # Built after the random init and drawing nothing: a reweighted model starts with exactly the
+        # parameters of the plain one of the same seed.
+        self.sid_bias: SIDSimilarityBias | None = None
+        if config.sid_levels:
+            self.register_buffer("sid_codes", torch.full((config.num_items + 1, config.sid_levels), -1,
+                                                         dtype=torch.long))
+            self.sid_bias = SIDSimilarityBias(config.sid_levels, config.num_heads if config.reweight_per_head else 1,
+                                              config.reweight_match, config.reweight_init, config.reweight_learned)
+            if sid_codes is not None:
+                self.set_sid_codes(sid_codes)
+        elif sid_codes is not None:
+            raise ValueError("sid_codes given but config.sid_levels=0; set sid_levels to the codes' L")
+
+    @torch.no_grad()
+    def set_sid_codes(self, codes: Tensor) -> None:
+        """Copy ``(num_items, L)`` codes in (the pad row keeps -1: padding matches nothing)."""
+        n, levels = self.config.num_items, self.config.sid_levels
+        if tuple(codes.shape) != (n, levels):
+            raise ValueError(f"sid_codes must have shape (num_items, sid_levels) = ({n}, {levels}), "
+                             f"got {tuple(codes.shape)}")
+        self.sid_codes[:n] = codes.to(self.sid_codes.device, torch.long)
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear):
@@ -237,6 +338,7 @@ class SASRec(nn.Module):
             attn_bias: optional ``(B, T, T)`` (shared by all heads) or ``(B, nh, T, T)`` float tensor
                 added to the attention logits of every layer (query on dim -2, key on dim -1); the hook
                 for semantic-ID similarity reweighting. ``None`` and all zeros give identical outputs.
+                A model with ``sid_levels > 0`` adds its own SID bias to it.
 
         Returns:
             ``(B, T, H)`` hidden states; row t summarises items ``0..t`` and predicts item ``t + 1``.
@@ -251,6 +353,12 @@ class SASRec(nn.Module):
                 f"max_len items or build the model with a larger max_len"
             )
         keep = input_ids != self.config.pad_id  # (B, T)
+        if self.sid_bias is not None:
+            sid = self.sid_bias(self.sid_codes[input_ids])  # (B, 1 or nh, T, T)
+            if attn_bias is None:
+                attn_bias = sid
+            else:
+                attn_bias = (attn_bias.unsqueeze(1) if attn_bias.dim() == 3 else attn_bias) + sid
         attn_mask = self._attn_mask(keep, attn_bias)  # (B, 1 or nh, T, T)
 
         # Positions count from the right so the most recent item always sits at max_len - 1.
@@ -343,27 +451,57 @@ class SASRec(nn.Module):
             generator: RNG for the negatives drawn here.
 
         Returns:
-            :class:`SASRecOutput`; the loss is the mean over target positions (0 when there are none).
+            :class:`SASRecOutput`; the loss is the mean over target positions (0 when there are none),
+            plus ``contrastive_weight`` times the sequence-to-item InfoNCE (metric ``contrastive``).
         """
         if target_ids.shape != input_ids.shape:
             raise ValueError(
                 f"target_ids shape {tuple(target_ids.shape)} must equal input_ids shape {tuple(input_ids.shape)}"
             )
         hidden = self(input_ids, attn_bias)  # (B, T, H)
+        if self.config.loss == "ce":
+            out = self._ce_loss(hidden, target_ids)
+        else:
+            out = self._bce_loss(hidden, target_ids, negatives, generator)
+        if self.config.contrastive_weight > 0:
+            cl = self._sequence_item_loss(hidden, target_ids)
+            out.loss = out.loss + self.config.contrastive_weight * cl
+            out.metrics["contrastive"] = cl.detach()
+        return out
+
+    def _ce_loss(self, hidden: Tensor, target_ids: Tensor) -> SASRecOutput:
         valid = target_ids != self.config.pad_id  # (B, T)
         num_targets = valid.sum()
         denom = num_targets.clamp(min=1).to(hidden.dtype)
-        if self.config.loss == "ce":
-            # Only positions with a target need the (M, num_items) logits; padding is often most of T.
-            h = hidden[valid]  # (M, H)
-            logits = h @ self.item_embeddings().T  # (M, num_items)
-            targets = target_ids[valid]  # (M,)
-            loss = F.cross_entropy(logits, targets, reduction="sum") / denom
-            with torch.no_grad():
-                hits = (logits.argmax(dim=-1) == targets).sum()
-            metrics = {"num_targets": num_targets, "top1_acc": hits.to(hidden.dtype) / denom}
-            return SASRecOutput(loss=loss, metrics=metrics)
+        # Only positions with a target need the (M, num_items) logits; padding is often most of T.
+        h = hidden[valid]  # (M, H)
+        logits = h @ self.item_embeddings().T  # (M, num_items)
+        targets = target_ids[valid]  # (M,)
+        loss = F.cross_entropy(logits, targets, reduction="sum") / denom
+        with torch.no_grad():
+            hits = (logits.argmax(dim=-1) == targets).sum()
+        metrics = {"num_targets": num_targets, "top1_acc": hits.to(hidden.dtype) / denom}
+        return SASRecOutput(loss=loss, metrics=metrics)
 
+    def _sequence_item_loss(self, hidden: Tensor, target_ids: Tensor) -> Tensor:
+        """InfoNCE from each sequence's last hidden state to its target item, in-batch negatives."""
+        last = target_ids[:, -1]  # (B,)
+        rows = last != self.config.pad_id
+        if int(rows.sum()) < 2:
+            return hidden.new_zeros(())  # no negatives to contrast with
+        keys = last[rows]  # (B',)
+        seq = F.normalize(hidden[:, -1][rows], dim=-1)  # (B', H)
+        items = F.normalize(self.item_emb(keys), dim=-1)  # (B', H)
+        logits = seq @ items.T / self.config.contrastive_temperature  # (B', B')
+        same = (keys[:, None] == keys[None, :]).fill_diagonal_(False)  # the same item again is no negative
+        logits = logits.masked_fill(same, float("-inf"))
+        return F.cross_entropy(logits, torch.arange(len(keys), device=keys.device))
+
+    def _bce_loss(self, hidden: Tensor, target_ids: Tensor, negatives: Tensor | None,
+                  generator: torch.Generator | None) -> SASRecOutput:
+        valid = target_ids != self.config.pad_id  # (B, T)
+        num_targets = valid.sum()
+        denom = num_targets.clamp(min=1).to(hidden.dtype)
         if negatives is None:
             negatives = sample_negatives(target_ids, self.config.num_items, generator)
         elif negatives.shape != target_ids.shape:

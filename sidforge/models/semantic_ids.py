@@ -21,6 +21,7 @@ import numpy as np
 __all__ = [
     "COLLISION_RESOLVERS",
     "Resolved",
+    "behavior_coherence",
     "collision_digits",
     "quality",
     "reassign_collisions",
@@ -182,4 +183,37 @@ def quality(codes: np.ndarray, codebook_size: int, x: np.ndarray | None = None,
     }
     if x is not None and x_hat is not None:
         out["recon_rel"] = float(((x - x_hat) ** 2).sum() / max(float((x**2).sum()), 1e-12))
+    return out
+
+
+def behavior_coherence(codes: np.ndarray, behavior: np.ndarray) -> list[float]:
+    """How much more alike in behavior items sharing a code prefix are than random pairs.
+
+    For each level l: the mean cosine similarity of the behavior embeddings over pairs of distinct items
+    sharing the prefix ``c_1..c_l``, minus the mean over all pairs of distinct items. 0 means the codes
+    ignore behavior; the larger, the more the IDs group items users treat alike.
+
+    Args:
+        codes: (N, L) codes before collision handling.
+        behavior: (N, H) behavior embeddings (e.g. SASRec's item embeddings e_b) of the same items.
+
+    Returns:
+        L floats (NaN at a level where no two items share a prefix).
+    """
+    v = np.asarray(behavior, dtype=np.float64)
+    v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+    n = len(v)
+    total = v.sum(axis=0)
+    # sum over ordered pairs i != j of cos(i, j) = ||sum v||^2 - n for unit vectors
+    base = (float(total @ total) - n) / max(n * (n - 1), 1)
+    out = []
+    for level in range(codes.shape[1]):
+        _, group = np.unique(codes[:, : level + 1], axis=0, return_inverse=True)
+        group = group.reshape(-1)
+        sums = np.zeros((group.max() + 1, v.shape[1]))
+        np.add.at(sums, group, v)
+        sizes = np.bincount(group).astype(np.float64)
+        pairs = float((sizes * (sizes - 1)).sum())
+        within = (float((sums**2).sum()) - n) / pairs if pairs else float("nan")
+        out.append(within - base)
     return out

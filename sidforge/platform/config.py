@@ -234,6 +234,20 @@ class SASRecTrainConfig:
         cpus_per_worker: CPUs per worker (and its torch threads).
         max_failures: worker-failure retries from the latest epoch checkpoint.
         seed: model init and shuffling; ``None`` uses the top-level ``seed``.
+        name: output folder ``RUN/sasrec-<name>`` instead of ``RUN/sasrec`` (whose item embeddings are
+            the behavior embeddings e_b the tokenizers read), so variants sit side by side.
+        reweight: BBQRec's discretized similarity reweighting: ``sid`` adds to the attention logits
+            between two positions the SID similarity of their items (needs ``--sids``); ``none`` is
+            plain SASRec. Without a ``name`` a reweighted model writes ``RUN/sasrec-sid``.
+        reweight_match: ``level`` (a weight per level whose codes are equal) or ``prefix`` (a weight per
+            level up to which the two IDs share their prefix).
+        reweight_init: initial (or, with ``reweight_learned=false``, fixed) weight of every level;
+            0 starts exactly at plain SASRec.
+        reweight_learned: the level weights are trained with the model.
+        reweight_per_head: one weight vector per attention head instead of one for all heads.
+        contrastive_weight: weight of the sequence-to-item InfoNCE loss added to the next-item loss
+            (in-batch negatives); 0 turns it off.
+        contrastive_temperature: its temperature.
     """
 
     hidden: int = 64
@@ -254,6 +268,14 @@ class SASRecTrainConfig:
     cpus_per_worker: float = 1.0
     max_failures: int = 1
     seed: Union[int, None] = None
+    name: str = ""
+    reweight: Literal["none", "sid"] = "none"
+    reweight_match: Literal["level", "prefix"] = "level"
+    reweight_init: float = 1.0
+    reweight_learned: bool = True
+    reweight_per_head: bool = False
+    contrastive_weight: float = 0.0
+    contrastive_temperature: float = 0.1
 
     def __post_init__(self) -> None:
         for name in ("hidden", "layers", "heads", "ffn_hidden", "max_len", "batch_size", "epochs", "patience",
@@ -271,6 +293,18 @@ class SASRecTrainConfig:
             raise ConfigError("sasrec.num_workers must be >= 0 (0 = in-process) and sasrec.cpus_per_worker > 0")
         if self.max_failures < -1:
             raise ConfigError("sasrec.max_failures must be >= -1 (-1 = retry forever)")
+        if self.name and not all(c.isalnum() or c in "-_" for c in self.name):
+            raise ConfigError(f"sasrec.name={self.name!r} may hold only letters, digits, '-' and '_'")
+        if self.contrastive_weight < 0 or self.contrastive_temperature <= 0:
+            raise ConfigError("sasrec.contrastive_weight must be >= 0 (0 = off) and sasrec.contrastive_temperature "
+                              "> 0 (e.g. 0.1)")
+
+    @property
+    def output_name(self) -> str:
+        """The stage (and folder) name: ``sasrec-<name>``, ``sasrec-sid`` (reweighted, unnamed) or ``sasrec``."""
+        if self.name:
+            return f"sasrec-{self.name}"
+        return "sasrec-sid" if self.reweight == "sid" else "sasrec"
 
 
 @dataclass(frozen=True)
@@ -324,12 +358,90 @@ class RQVAETrainConfig:
 
 
 @dataclass(frozen=True)
+class BBQTrainConfig:
+    """BBQRec's behavior-bind tokenizer (``tokenize.method=bbq``); see :mod:`sidforge.models.bbq`.
+
+    Attributes:
+        behavior: the stage whose ``item_embeddings.parquet`` holds the behavior embeddings e_b
+            (``sasrec``, from ``sidforge train sasrec``).
+        hidden: hidden widths of each modality's encoder (its decoder mirrors them).
+        shared_dim: width of the behavior-shared part, the one the residual codebook quantizes.
+        specific_dim: width of each modality's specific part.
+        beta: commitment weight.
+        contrastive_weight: weight of the contrastive codebook loss (quantized representation vs
+            projected e_b, InfoNCE with in-batch negatives); 0 is the ablation without it.
+        temperature: its temperature.
+        contrastive_prefixes: apply it to every prefix of the ID (level 1's codeword, levels 1–2, ...),
+            averaged, so the coarse levels group behavior too (our choice); false = the full vector only.
+        mi_weight: weight of the CLUB upper bound on I(shared; specific) minimised by the encoders;
+            0 is the ablation without it (the CLUB network still trains, as a diagnostic).
+        club_hidden: hidden width of CLUB's variational network q(specific | shared).
+        item_slot: the extra learnable item-level slot (a per-item residual after the last level).
+        slot_weight: L2 penalty on the slot, so the codes keep what they can explain.
+        dropout: MLP dropout.
+        lr, weight_decay: AdamW.
+        batch_size: items per step and per worker (also the in-batch negatives of the contrastive loss).
+        epochs: passes over the catalogue.
+        kmeans_init: initialise the codebooks by residual k-means on the first shared latents.
+        dead_code_min_usage: after each epoch, codes used by fewer items move onto live residuals.
+        num_workers, cpus_per_worker, max_failures: as in ``tokenize.rqvae``.
+    """
+
+    behavior: str = "sasrec"
+    hidden: list[int] = field(default_factory=lambda: [512, 256])
+    shared_dim: int = 32
+    specific_dim: int = 32
+    beta: float = 0.25
+    contrastive_weight: float = 1.0
+    temperature: float = 0.1
+    contrastive_prefixes: bool = True
+    mi_weight: float = 0.1
+    club_hidden: int = 128
+    item_slot: bool = True
+    slot_weight: float = 1.0
+    dropout: float = 0.0
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 512
+    epochs: int = 100
+    kmeans_init: bool = True
+    dead_code_min_usage: int = 1
+    num_workers: int = 0
+    cpus_per_worker: float = 1.0
+    max_failures: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("shared_dim", "specific_dim", "club_hidden", "batch_size", "epochs"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"tokenize.bbq.{name} must be >= 1, got {getattr(self, name)}")
+        if self.batch_size < 2:
+            raise ConfigError("tokenize.bbq.batch_size must be >= 2 (the contrastive loss needs in-batch negatives)")
+        if any(h < 1 for h in self.hidden):
+            raise ConfigError(f"tokenize.bbq.hidden must list positive layer widths, got {self.hidden}")
+        for name in ("beta", "contrastive_weight", "mi_weight", "slot_weight", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"tokenize.bbq.{name} must be >= 0 (0 turns the term off), got {getattr(self, name)}")
+        if self.lr <= 0 or self.temperature <= 0:
+            raise ConfigError("tokenize.bbq.lr and tokenize.bbq.temperature must be > 0")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"tokenize.bbq.dropout must be in [0, 1), got {self.dropout}")
+        if not self.behavior or not all(c.isalnum() or c in "-_" for c in self.behavior):
+            raise ConfigError(f"tokenize.bbq.behavior={self.behavior!r} must name a stage folder such as sasrec")
+        if self.dead_code_min_usage < 0:
+            raise ConfigError("tokenize.bbq.dead_code_min_usage must be >= 0 (0 = never re-initialise)")
+        if self.num_workers < 0 or self.cpus_per_worker <= 0:
+            raise ConfigError("tokenize.bbq.num_workers must be >= 0 and tokenize.bbq.cpus_per_worker > 0")
+
+
+@dataclass(frozen=True)
 class TokenizeConfig:
     """The tokenize stage: item embeddings → semantic IDs (``sidforge tokenize``).
 
     Attributes:
-        method: ``rqvae`` (trained on Ray Train), ``rqkmeans`` (residual k-means with faiss) or
-            ``precomputed`` (an external item → SID table, e.g. LETTER's Beauty IDs).
+        method: ``rqvae`` (trained on Ray Train), ``rqkmeans`` (residual k-means with faiss),
+            ``bbq`` (BBQRec's behavior-bind quantization of the embed modalities, trained on Ray Train
+            with the SASRec behavior embeddings) or ``precomputed`` (an external item → SID table, e.g.
+            LETTER's Beauty IDs).
         name: output folder ``RUN/tokenize-<name>`` (default: the method), so several tokenizers of
             one run sit side by side.
         source: which embeddings: ``embed`` (``RUN/embed/item_embeddings.parquet``), ``align`` (the
@@ -347,9 +459,10 @@ class TokenizeConfig:
         key: precomputed: which id the file uses: ``item_id`` (ours) or ``source_id`` (the dataset's).
         seed: ``None`` uses the top-level ``seed``.
         rqvae: RQ-VAE training settings.
+        bbq: BBQ tokenizer settings.
     """
 
-    method: Literal["rqvae", "rqkmeans", "precomputed"] = "rqvae"
+    method: Literal["rqvae", "rqkmeans", "bbq", "precomputed"] = "rqvae"
     name: str = ""
     source: Literal["embed", "align", "sasrec"] = "embed"
     modalities: list[str] = field(default_factory=list)
@@ -362,6 +475,7 @@ class TokenizeConfig:
     key: Literal["item_id", "source_id"] = "item_id"
     seed: Union[int, None] = None
     rqvae: RQVAETrainConfig = field(default_factory=RQVAETrainConfig)
+    bbq: BBQTrainConfig = field(default_factory=BBQTrainConfig)
 
     def __post_init__(self) -> None:
         if self.levels < 1 or self.codebook_size < 2:
@@ -373,6 +487,10 @@ class TokenizeConfig:
                               "item -> codes table)")
         if self.name and not all(c.isalnum() or c in "-_" for c in self.name):
             raise ConfigError(f"tokenize.name={self.name!r} may hold only letters, digits, '-' and '_'")
+        if self.method == "bbq" and self.source != "embed":
+            raise ConfigError("tokenize.method=bbq quantizes the embed modalities (text, image) and reads the "
+                              f"behavior embeddings itself (tokenize.bbq.behavior); set tokenize.source=embed, "
+                              f"not {self.source!r}")
 
     @property
     def output_name(self) -> str:
@@ -597,6 +715,93 @@ class RankerTrainConfig:
 
 
 @dataclass(frozen=True)
+class ServeConfig:
+    """The Ray Serve application over a run directory (``sidforge serve RUN_DIR``).
+
+    Attributes:
+        ranker: the ranker's stage folder in the run (``ranker``, ``ranker-full-s0``).
+        sids: the IDs' folder (``tokenize-<name>``); empty = the one the ranker was trained with.
+        retriever: ``faiss`` (exact nearest neighbours of the history's mean content vector) or
+            ``generative`` (TIGER's constrained beam search, needs ``generative``).
+        generative: the generative stage folder (``generative-<name>``); empty = the one over ``sids``.
+        retrieve_space: faiss vectors: ``align`` (co-click aligned z), ``embed`` (raw content) or
+            ``auto`` (align when the run has it).
+        candidates: items retrieved per ``/recommend``, then scored by the ranker.
+        top_k: default length of a ``/recommend`` list.
+        history_window: most recent history items the retriever and the ranker read.
+        max_history, max_candidates, max_items: the longest history, the most ``/rank`` candidates and
+            the most ``/items/assign`` items one request may send (more is a 4xx naming the field).
+        max_body_kb: request body limit (413 beyond).
+        request_timeout_s: deadline of one request inside the app (504 beyond).
+        host, port: where ``sidforge serve`` listens.
+        catalogue_log: append-only JSON-lines file of the items added through the API, replayed when
+            the catalogue (re)starts; empty keeps additions in memory only.
+        batch_size, batch_wait_ms: ``@serve.batch`` of the encoder and the assigner.
+        torch_threads: torch intra-op threads per replica.
+        deployments: per deployment (``ingress``, ``encoder``, ``assigner``, ``catalogue``,
+            ``retriever``, ``ranker``): ``num_replicas``, or ``min_replicas``/``max_replicas``/
+            ``target_ongoing_requests`` for autoscaling; ``max_ongoing_requests``; ``num_cpus``.
+    """
+
+    ranker: str = "ranker"
+    sids: str = ""
+    retriever: Literal["faiss", "generative"] = "faiss"
+    generative: str = ""
+    retrieve_space: Literal["auto", "align", "embed"] = "auto"
+    candidates: int = 100
+    top_k: int = 10
+    history_window: int = 20
+    max_history: int = 200
+    max_candidates: int = 500
+    max_items: int = 64
+    max_body_kb: int = 1024
+    request_timeout_s: float = 10.0
+    host: str = "127.0.0.1"
+    port: int = 8000
+    catalogue_log: str = ""
+    batch_size: int = 32
+    batch_wait_ms: float = 2.0
+    torch_threads: int = 1
+    deployments: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    # class constants (no annotation: not config keys)
+    DEPLOYMENTS = ("ingress", "encoder", "assigner", "catalogue", "retriever", "ranker")
+    DEPLOYMENT_OPTIONS = {"num_replicas": int, "min_replicas": int, "max_replicas": int,
+                          "target_ongoing_requests": float, "max_ongoing_requests": int, "num_cpus": float}
+
+    def __post_init__(self) -> None:
+        for name in ("candidates", "top_k", "history_window", "max_history", "max_candidates", "max_items",
+                     "max_body_kb", "batch_size", "torch_threads"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"serve.{name} must be >= 1, got {getattr(self, name)}")
+        if self.top_k > self.candidates:
+            raise ConfigError(f"serve.top_k={self.top_k} cannot exceed serve.candidates={self.candidates}")
+        if self.request_timeout_s <= 0 or self.batch_wait_ms < 0:
+            raise ConfigError("serve.request_timeout_s must be > 0 and serve.batch_wait_ms >= 0")
+        if not 0 <= self.port < 65536:
+            raise ConfigError(f"serve.port must be in [0, 65535], got {self.port}")
+        for dep, options in self.deployments.items():
+            if dep not in self.DEPLOYMENTS:
+                raise ConfigError(f"serve.deployments.{dep}: unknown deployment; use {', '.join(self.DEPLOYMENTS)}")
+            if not isinstance(options, dict):
+                raise ConfigError(f"serve.deployments.{dep}: expected a mapping of options")
+            for key, value in options.items():
+                kind = self.DEPLOYMENT_OPTIONS.get(key)
+                if kind is None:
+                    raise ConfigError(f"serve.deployments.{dep}.{key}: unknown option; valid: "
+                                      f"{', '.join(self.DEPLOYMENT_OPTIONS)}")
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (
+                        kind is int and not isinstance(value, int)):
+                    raise ConfigError(f"serve.deployments.{dep}.{key}: expected a non-negative "
+                                      f"{'integer' if kind is int else 'number'}, got {value!r}")
+            if dep == "catalogue" and (options.get("num_replicas", 1) != 1 or options.get("max_replicas", 0) > 1):
+                raise ConfigError("serve.deployments.catalogue: the catalogue is the single writer of new items; "
+                                  "it runs exactly one replica (drop num_replicas/max_replicas)")
+            if options.get("max_replicas", 0) and options.get("min_replicas", 0) > options["max_replicas"]:
+                raise ConfigError(f"serve.deployments.{dep}: min_replicas > max_replicas")
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole experiment. Each YAML under ``configs/`` is one of these."""
 
@@ -612,6 +817,7 @@ class Config:
     generative: GenerativeTrainConfig = field(default_factory=GenerativeTrainConfig)
     align: AlignTrainConfig = field(default_factory=AlignTrainConfig)
     ranker: RankerTrainConfig = field(default_factory=RankerTrainConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -627,12 +833,14 @@ class Config:
 # Loader
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a :class:`Config` from YAML, then apply ``a.b=c`` overrides.
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                values: dict[str, Any] | None = None) -> Config:
+    """Load a :class:`Config` from YAML, then apply ``a.b=c`` overrides, then typed ``values``.
 
     Args:
         path: YAML file; ``None`` starts from the defaults.
         overrides: strings ``dotted.key=value``; values are parsed as YAML scalars.
+        values: ``{"dotted.key": value}`` set as given, no text round trip (what a Tune trial samples).
 
     Raises:
         ConfigError: on an unknown key, a wrong type, or a failed cross-field check.
@@ -650,6 +858,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{p}: the top level must be a mapping of sections")
     for ov in overrides or []:
         _apply_override(raw, ov)
+    for key, value in (values or {}).items():
+        _set_dotted(raw, key, value)
     return from_dict(Config, raw)
 
 
@@ -657,13 +867,17 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
     if "=" not in override:
         raise ConfigError(f"override {override!r} must look like section.key=value")
     key, value = override.split("=", 1)
+    _set_dotted(raw, key, _parse_override_value(value))
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
     parts = key.strip().split(".")
     node = raw
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {key!r}: {part!r} is not a section")
-    node[parts[-1]] = _parse_override_value(value)
+    node[parts[-1]] = value
 
 
 def _parse_override_value(value: str) -> Any:

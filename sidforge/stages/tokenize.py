@@ -18,6 +18,13 @@ Methods (``tokenize.method``), resolved once through :data:`FITTERS`:
 - ``rqkmeans``: residual k-means with faiss, optionally size-balanced;
 - ``rqvae``: TIGER's RQ-VAE trained with the shared Ray Train runner (in-process with
   ``tokenize.rqvae.num_workers=0``); codebooks initialised by residual k-means, dead codes re-used;
+- ``bbq``: BBQRec's behavior-bind quantizer (:mod:`sidforge.models.bbq`) over the embed modalities,
+  trained on the same runner against the SASRec behavior embeddings (``RUN/sasrec/item_embeddings.parquet``,
+  ``tokenize.bbq.behavior``). Its IDs for new items (``assign``) come from content alone. Its report adds
+  ``recon_rel_full`` (reconstruction from the codes plus each item's specific parts and slot; ``recon_rel``
+  decodes from the codes alone, specific parts at their catalogue mean, comparable with the other
+  tokenizers), ``behavior_coherence`` per level (see :func:`sidforge.models.semantic_ids.behavior_coherence`)
+  and the first/last epoch's contrastive loss and CLUB estimate;
 - ``precomputed``: an external item → codes table (LETTER's published Beauty IDs); it cannot assign
   IDs to new items.
 """
@@ -40,8 +47,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from sidforge.models.quantizers import RQVAE, RQVAEConfig, residual_kmeans
-from sidforge.models.semantic_ids import Resolved, quality, resolve_collisions
+from sidforge.models.bbq import BBQ, BBQConfig
+from sidforge.models.quantizers import RQVAE, ResidualQuantizer, RQVAEConfig, residual_kmeans
+from sidforge.models.semantic_ids import Resolved, behavior_coherence, quality, resolve_collisions
 from sidforge.platform.artifacts import (
     RunDir,
     StageResult,
@@ -74,11 +82,11 @@ class Tokenizer:
     """A fitted tokenizer: assigns codes to embeddings and reconstructs embeddings from codes.
 
     Attributes:
-        method: ``rqkmeans``, ``rqvae`` or ``precomputed``.
-        input_dim: width of the embeddings it takes (0 for precomputed).
+        method: ``rqkmeans``, ``rqvae``, ``bbq`` or ``precomputed``.
+        input_dim: width of the embeddings it takes (0 for precomputed; bbq: the modalities concatenated).
         levels, codebook_size: L and K.
         codebooks: rqkmeans: (L, K, D) float32.
-        model: rqvae: the trained :class:`RQVAE` (eval mode).
+        model: rqvae: the trained :class:`RQVAE`; bbq: the trained :class:`BBQ` (eval mode).
     """
 
     method: str
@@ -86,7 +94,7 @@ class Tokenizer:
     levels: int
     codebook_size: int
     codebooks: np.ndarray | None = None
-    model: RQVAE | None = None
+    model: RQVAE | BBQ | None = None
 
     def assign(self, embeddings: np.ndarray) -> np.ndarray:
         """Codes of new items, deterministically: (N, input_dim) float → (N, L) int64.
@@ -118,7 +126,7 @@ class Tokenizer:
             books, z = self.codebooks, x
         elif self.model is not None:
             with torch.no_grad():
-                z = self.model.encoder(torch.from_numpy(x)).numpy()
+                z = self.model.latent(torch.from_numpy(x)).numpy()
             books = self.model.quantizer.codebooks.detach().numpy()
         else:
             raise ValueError("a precomputed tokenizer has no codebooks")
@@ -129,7 +137,7 @@ class Tokenizer:
     def _check(self, embeddings: np.ndarray) -> np.ndarray:
         if self.method == "precomputed":
             raise ValueError("a precomputed tokenizer imports fixed IDs and cannot assign IDs to new items; "
-                             "use tokenize.method=rqvae or rqkmeans for cold-start items")
+                             "use tokenize.method=rqvae, rqkmeans or bbq for cold-start items")
         x = np.asarray(embeddings, dtype=np.float32)
         if x.ndim != 2 or x.shape[1] != self.input_dim:
             raise ValueError(f"embeddings must have shape (N, {self.input_dim}), got {x.shape}; use the encoder "
@@ -149,7 +157,7 @@ class Tokenizer:
         if self.codebooks is not None:
             tensors["codebooks"] = torch.from_numpy(np.ascontiguousarray(self.codebooks))
         if self.model is not None:
-            meta["rqvae"] = dataclasses.asdict(self.model.config)
+            meta[self.method] = dataclasses.asdict(self.model.config)
             tensors.update({k: v.detach().contiguous() for k, v in self.model.state_dict().items()})
         (folder / "tokenizer.json").write_text(json.dumps(meta, indent=2))
         if tensors:
@@ -174,11 +182,19 @@ def load_tokenizer(folder: str | Path) -> Tokenizer:
     if meta["method"] == "rqkmeans":
         tok.codebooks = tensors["codebooks"].numpy()
     else:
-        rq = meta["rqvae"]
-        model = RQVAE(RQVAEConfig(**{**rq, "hidden": tuple(rq["hidden"])}))
+        model = _rqvae(meta["rqvae"]) if meta["method"] == "rqvae" else _bbq(meta["bbq"])
         model.load_state_dict(tensors)
         tok.model = model.eval()
     return tok
+
+
+def _rqvae(fields: dict[str, Any]) -> RQVAE:
+    return RQVAE(RQVAEConfig(**{**fields, "hidden": tuple(fields["hidden"])}))
+
+
+def _bbq(fields: dict[str, Any]) -> BBQ:
+    return BBQ(BBQConfig(**{**fields, "hidden": tuple(fields["hidden"]),
+                            "modality_dims": tuple(fields["modality_dims"])}))
 
 
 def _residual_codes(x: np.ndarray, codebooks: np.ndarray) -> np.ndarray:
@@ -231,10 +247,11 @@ def run(cfg: Config, run_dir: RunDir, data_dir: Path | None = None, force: bool 
 def stage_config_hash(cfg: Config) -> str:
     """Hash of what the IDs depend on: the ``tokenize`` section (minus operational keys) and the seed."""
     section = dataclasses.asdict(cfg.tokenize)
-    for key in ("num_workers", "cpus_per_worker", "max_failures"):
-        section["rqvae"].pop(key)
-    if cfg.tokenize.method != "rqvae":
-        section.pop("rqvae")
+    for trainer in ("rqvae", "bbq"):
+        for key in ("num_workers", "cpus_per_worker", "max_failures"):
+            section[trainer].pop(key)
+        if cfg.tokenize.method != trainer:
+            section.pop(trainer)
     payload = json.dumps({"tokenize": section, "seed": cfg.seed}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -265,7 +282,18 @@ def _input_fingerprints(tcfg: TokenizeConfig, run_dir: RunDir, data_dir: Path | 
     if not src.is_file():
         hint = {"embed": "sidforge embed", "align": "sidforge train align"}.get(tcfg.source, "sidforge train sasrec")
         raise DataError(f"{src} not found; run `{hint}` first (tokenize.source={tcfg.source})")
-    return fingerprint_files([src], root=run_dir.path)
+    files = [src]
+    if tcfg.method == "bbq":
+        behavior = _behavior_path(tcfg, run_dir)
+        if not behavior.is_file():
+            raise DataError(f"{behavior} not found: the BBQ tokenizer binds the IDs to the behavior embeddings "
+                            f"e_b; run `sidforge train sasrec` first (tokenize.bbq.behavior={tcfg.bbq.behavior})")
+        files.append(behavior)
+    return fingerprint_files(files, root=run_dir.path)
+
+
+def _behavior_path(tcfg: TokenizeConfig, run_dir: RunDir) -> Path:
+    return run_dir.stage_dir(tcfg.bbq.behavior) / "item_embeddings.parquet"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -352,7 +380,7 @@ def fit_rqvae(cfg: Config, run_dir: RunDir, data_dir: Path | None, seed: int, tr
         raise RuntimeError("rqvae: the workers' model replicas diverged (codebooks must be re-initialised "
                            "identically on every rank)")
     model = RQVAE(model_cfg)
-    model.load_state_dict({k: torch.from_numpy(v) for k, v in result.value["state"].items()})
+    model.load_state_dict({k: torch.tensor(v) for k, v in result.value["state"].items()})  # Ray: read-only arrays
     model.eval()
     remove_run(train_run)
     tok = Tokenizer("rqvae", x.shape[1], tcfg.levels, tcfg.codebook_size, model=model)
@@ -428,9 +456,78 @@ def _read_code_table(path: Path) -> tuple[list[str], list[list[int]]]:
     return keys, [[parse(t, f"key {k}") for t in c] for k, c in zip(keys, codes)]
 
 
+def fit_bbq(cfg: Config, run_dir: RunDir, data_dir: Path | None, seed: int, train_name: str,
+            force: bool) -> Fitted:
+    """BBQRec's behavior-bind quantizer over the embed modalities, trained with the shared Ray Train runner."""
+    tcfg, bcfg = cfg.tokenize, cfg.tokenize.bbq
+    item_id, x, modalities = load_matrix(tcfg, run_dir)
+    _check_catalogue(len(x), tcfg)
+    behavior = load_behavior(tcfg, run_dir, item_id)
+    model_cfg = BBQConfig(modality_dims=_modality_dims(tcfg, run_dir, modalities), behavior_dim=behavior.shape[1],
+                          num_items=len(x) if bcfg.item_slot else 0, hidden=tuple(bcfg.hidden),
+                          shared_dim=bcfg.shared_dim, specific_dim=bcfg.specific_dim, num_levels=tcfg.levels,
+                          codebook_size=tcfg.codebook_size, beta=bcfg.beta,
+                          contrastive_weight=bcfg.contrastive_weight, temperature=bcfg.temperature,
+                          contrastive_prefixes=bcfg.contrastive_prefixes, mi_weight=bcfg.mi_weight,
+                          club_hidden=bcfg.club_hidden, slot_weight=bcfg.slot_weight, dropout=bcfg.dropout)
+    train_run = RunSettings(name=train_name, storage_path=run_dir.path / "_train", max_failures=bcfg.max_failures,
+                            checkpoints_to_keep=2)
+    loop = {"model": dataclasses.asdict(model_cfg), "lr": bcfg.lr, "weight_decay": bcfg.weight_decay,
+            "batch_size": bcfg.batch_size, "epochs": bcfg.epochs, "kmeans_init": bcfg.kmeans_init,
+            "kmeans_iters": tcfg.kmeans_iters, "dead_code_min_usage": bcfg.dead_code_min_usage, "seed": seed,
+            "x": x, "behavior": behavior}
+    result = fit(train_bbq, loop, ScalingSettings(bcfg.num_workers, cpus_per_worker=bcfg.cpus_per_worker),
+                 train_run, fresh=force)
+    if not result.value["replicas_agree"]:
+        raise RuntimeError("bbq: the workers' model replicas diverged (codebooks must be re-initialised "
+                           "identically on every rank)")
+    model = BBQ(model_cfg)
+    model.load_state_dict({k: torch.tensor(v) for k, v in result.value["state"].items()})  # Ray's arrays are read-only
+    model.eval()
+    remove_run(train_run)
+    tok = Tokenizer("bbq", x.shape[1], tcfg.levels, tcfg.codebook_size, model=model)
+    codes = tok.assign(x)
+    with torch.no_grad():
+        x_full = model.reconstruct_items(torch.from_numpy(x), torch.arange(len(x))).numpy()
+    hist = result.history
+    extra = {"epochs": len(hist), "final_loss": hist[-1].get("loss") if hist else None,
+             "dead_codes_reset": int(sum(r.get("dead_reset", 0) for r in hist)), "workers": bcfg.num_workers,
+             "recon_rel_full": float(((x - x_full) ** 2).sum() / max(float((x**2).sum()), 1e-12)),
+             "behavior_coherence": behavior_coherence(codes, behavior)}
+    for key in ("contrastive", "mi"):
+        if hist:
+            extra[f"{key}_first"], extra[f"{key}_last"] = hist[0].get(key), hist[-1].get(key)
+    return Fitted(item_id, codes, tcfg.codebook_size, tok, modalities, x, tok.reconstruct(codes),
+                  tok.last_distances(x, codes), extra)
+
+
+def _modality_dims(tcfg: TokenizeConfig, run_dir: RunDir, modalities: list[str]) -> tuple[int, ...]:
+    """Width of each modality in the concatenated input, from the embeddings' schema."""
+    schema = pq.read_schema(_source_path(tcfg, run_dir))
+    return tuple(int(schema.field(f"emb_{m}").type.list_size) for m in modalities)
+
+
+def load_behavior(tcfg: TokenizeConfig, run_dir: RunDir, item_id: np.ndarray) -> np.ndarray:
+    """(N, H) float32 behavior embeddings e_b in the order of ``item_id``."""
+    path = _behavior_path(tcfg, run_dir)
+    table = pq.read_table(path, columns=["item_id", "embedding"])
+    ids = table.column("item_id").to_numpy()
+    emb = np.asarray(table.column("embedding").to_pylist(), dtype=np.float32)
+    row = {int(i): r for r, i in enumerate(ids)}
+    missing = [int(i) for i in item_id if int(i) not in row]
+    if missing:
+        raise DataError(f"{path}: no behavior embedding for {len(missing)} items (e.g. {missing[:5]}); train "
+                        "`sidforge train sasrec` on this run again")
+    out = emb[[row[int(i)] for i in item_id]]
+    if not np.isfinite(out).all():
+        raise DataError(f"{path}: behavior embeddings contain NaN or inf; re-run `sidforge train sasrec`")
+    return out
+
+
 FITTERS: dict[str, Callable[..., Fitted]] = {
     "rqkmeans": fit_rqkmeans,
     "rqvae": fit_rqvae,
+    "bbq": fit_bbq,
     "precomputed": fit_precomputed,
 }
 
@@ -449,7 +546,7 @@ def train_rqvae(ctx: WorkerContext, config: dict[str, Any]) -> dict[str, Any]:
     if state is not None:
         model.load_state_dict(state["model"])
     elif config["kmeans_init"]:
-        _kmeans_init(model, x, config)  # deterministic: every rank computes the same codebooks
+        _kmeans_init(model.quantizer, model.latent(x), config)  # deterministic: the same on every rank
     step = ctx.prepare_model(model, method="loss")
     opt = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
     if state is not None:
@@ -480,12 +577,69 @@ def train_rqvae(ctx: WorkerContext, config: dict[str, Any]) -> dict[str, Any]:
             "replicas_agree": ctx.replicas_agree(model)}
 
 
-def _kmeans_init(model: RQVAE, x: torch.Tensor, config: dict[str, Any]) -> None:
-    with torch.no_grad():
-        z = model.encoder(x).numpy()
-    q = model.quantizer
-    books, _ = residual_kmeans(z, q.num_levels, q.codebook_size, niter=config["kmeans_iters"], seed=config["seed"])
+def _kmeans_init(q: ResidualQuantizer, z: torch.Tensor, config: dict[str, Any]) -> None:
+    """Codebooks from residual k-means on the first latents ``z`` (N, D)."""
+    z_np = z.detach().cpu().numpy()
+    books, _ = residual_kmeans(z_np, q.num_levels, q.codebook_size, niter=config["kmeans_iters"], seed=config["seed"])
     q.init_from(torch.from_numpy(books))
+
+
+# ----------------------------------------------------------------------------------------------
+# BBQ per-worker loop
+
+
+def train_bbq(ctx: WorkerContext, config: dict[str, Any]) -> dict[str, Any]:
+    """Per-worker loop: k-means init, epochs over this rank's shard, dead-code re-use after each epoch.
+
+    One backward pass per batch carries every term (see :meth:`sidforge.models.bbq.BBQ.loss`): CLUB's q
+    and the encoders take one step each on their own objectives.
+    """
+    x, behavior = torch.from_numpy(config["x"]), torch.from_numpy(config["behavior"])
+    torch.manual_seed(config["seed"])
+    model = _bbq(config["model"])
+    state = ctx.load_checkpoint()
+    if state is not None:
+        model.load_state_dict(state["model"])
+    elif config["kmeans_init"]:
+        with torch.no_grad():
+            _kmeans_init(model.quantizer, model.latent(x), config)  # the same on every rank
+    step = ctx.prepare_model(model, method="loss")
+    opt = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+    if state is not None:
+        opt.load_state_dict(state["opt"])
+    for epoch in ctx.epochs(config["epochs"]):
+        torch.manual_seed(config["seed"] + 7919 * epoch + ctx.rank)
+        metrics = _bbq_epoch(ctx, step, opt, x, behavior, config, epoch)
+        if config["dead_code_min_usage"] > 0:
+            model.eval()
+            with torch.no_grad():
+                z = model.latent(x.to(ctx.device))
+                g = torch.Generator().manual_seed(config["seed"] + epoch)
+                metrics["dead_reset"] = int(model.quantizer.reset_dead_codes(z, config["dead_code_min_usage"], g).sum())
+        ctx.report(epoch, metrics, lambda: {"model": model.state_dict(), "opt": opt.state_dict()})
+    model.eval()
+    model.set_specific_mean(x.to(ctx.device))  # every rank: same model, same data
+    # numpy, not tensors: Ray Train cannot return tensors from distributed workers
+    return {"state": {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()},
+            "replicas_agree": ctx.replicas_agree(model)}
+
+
+def _bbq_epoch(ctx: WorkerContext, step: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor,
+               behavior: torch.Tensor, config: dict[str, Any], epoch: int) -> dict[str, float]:
+    """One pass over this rank's shard; returns the mean of the loss and of each of its terms."""
+    step.train()
+    order = torch.from_numpy(ctx.shard(len(x), seed=config["seed"] + epoch))
+    bs = config["batch_size"]
+    totals: dict[str, float] = {}
+    batches = [order[i : i + bs] for i in range(0, len(order), bs)]
+    for rows in batches:
+        out = step(x[rows].to(ctx.device), behavior[rows].to(ctx.device), rows.to(ctx.device))
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        opt.step()
+        for k, v in {"loss": out.loss.detach(), **out.metrics}.items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+    return {k: v / max(len(batches), 1) for k, v in totals.items()}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,233 @@
+"""BBQRec on a benchmark over several seeds: SASRec-CE against SASRec-CE reweighted by RQ-VAE or BBQ IDs, the
+ablations, and the tokenizer-quality table of BBQ next to RQ-VAE and RQ-KMeans.
+
+    python bench/bbqrec.py --config configs/amazon-beauty.yaml --seeds 0,1,2 --set sasrec.patience=5 \\
+        --reuse 'runs/bench-sasrec/ce-seed{seed}' --reuse runs/amazon-beauty
+    python bench/bbqrec.py --config configs/amazon-scientific-mm.yaml --seeds 0,1,2 --reuse runs/amazon-scientific-mm
+    python bench/bbqrec.py --config configs/amazon-beauty.yaml --seeds 0 --tokenizers-only   # the quality table
+
+Every seed has its own run directory ``ROOT/<config name>-seed<k>`` (the seed drives SASRec, the tokenizers
+and the variants alike) holding ``prepare``, ``embed``, ``sasrec`` (SASRec-CE: the baseline and the
+behavior embeddings e_b of BBQ), the tokenizers ``tokenize-{rqkmeans,rqvae,bbq,bbq-nocl,bbq-nomi}`` and one
+``sasrec-<variant>`` per variant:
+
+    sasrec-ce       plain SASRec-CE (RUN/sasrec)
+    rw-rqvae        + reweighting by RQ-VAE IDs (+ the sequence-to-item contrastive loss, --seq-cl)
+    rw-bbq          + reweighting by BBQ IDs (+ --seq-cl): BBQRec
+    rw-bbq-nocl     BBQ IDs trained without the contrastive codebook loss
+    rw-bbq-nomi     BBQ IDs trained without the MI (CLUB) term
+    rw-bbq-noseqcl  BBQ reweighting without the sequence-to-item loss   (only when --seq-cl > 0)
+    norw-seqcl      no reweighting, sequence-to-item loss only          (only when --seq-cl > 0;
+                                                                         with --seq-cl 0 it is sasrec-ce)
+
+Every stage skips itself when its config and inputs are unchanged, so a stopped bench continues where it
+stopped. ``--reuse DIR`` (repeatable; ``{seed}`` is replaced) copies finished stage folders and their
+manifest entries from other run directories into a fresh one (the first DIR holding a stage wins), e.g.
+the SASRec-CE runs of bench/sasrec.py; the stages then check them like their own (a stale copy is simply
+recomputed). Later seeds take ``embed`` (and, failing ``--reuse``, ``prepare``) from the first seed's
+directory the same way. Results (per run, and
+mean ± std over seeds) go to bench/results/bbqrec.json under the config's name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from sidforge.cli import format_table
+from sidforge.models.semantic_ids import behavior_coherence
+from sidforge.platform.artifacts import RunDir
+from sidforge.platform.config import Config, load_config
+from sidforge.platform.datasets import resolve_data_dir
+from sidforge.platform.runtime import init_ray
+from sidforge.stages import embed, prepare, sasrec, tokenize
+
+KEYS = ("recall@5", "ndcg@5", "recall@10", "ndcg@10", "recall@20", "ndcg@20")
+TOKENIZERS = {  # folder suffix -> overrides (rqkmeans/rqvae keep the config's default name: reusable runs)
+    "rqkmeans": ["tokenize.method=rqkmeans"],
+    "rqvae": ["tokenize.method=rqvae"],
+    "bbq": ["tokenize.method=bbq", "tokenize.name=bbq"],
+    "bbq-nocl": ["tokenize.method=bbq", "tokenize.name=bbq-nocl", "tokenize.bbq.contrastive_weight=0"],
+    "bbq-nomi": ["tokenize.method=bbq", "tokenize.name=bbq-nomi", "tokenize.bbq.mi_weight=0"],
+}
+REUSABLE = ("prepare", "embed", "sasrec", "tokenize-rqkmeans", "tokenize-rqvae")
+
+
+def variants(seq_cl: float) -> dict[str, tuple[str | None, list[str]]]:
+    """variant -> (tokenizer folder suffix or None, sasrec overrides)."""
+    rw = ["sasrec.reweight=sid", f"sasrec.contrastive_weight={seq_cl}"]
+    out: dict[str, tuple[str | None, list[str]]] = {
+        "sasrec-ce": (None, []),
+        "rw-rqvae": ("rqvae", rw),
+        "rw-bbq": ("bbq", rw),
+        "rw-bbq-nocl": ("bbq-nocl", rw),
+        "rw-bbq-nomi": ("bbq-nomi", rw),
+    }
+    if seq_cl > 0:
+        out["rw-bbq-noseqcl"] = ("bbq", ["sasrec.reweight=sid", "sasrec.contrastive_weight=0"])
+        out["norw-seqcl"] = (None, [f"sasrec.contrastive_weight={seq_cl}"])
+    return {name: (tok, [*o, f"sasrec.name={name}"] if name != "sasrec-ce" else o) for name, (tok, o) in out.items()}
+
+
+def reuse(run: RunDir, sources: list[str], seed: int, stages: tuple[str, ...] = REUSABLE) -> list[str]:
+    """Copy finished stages (folder + manifest entry) that ``run`` lacks from the first source holding them."""
+    copied = []
+    for stage in stages:
+        if run.stage_dir(stage).exists():
+            continue
+        for pattern in sources:
+            src = RunDir(pattern.format(seed=seed))
+            entry = src.read_manifest().stages.get(stage)
+            if entry is not None and src.stage_dir(stage).is_dir():
+                shutil.copytree(src.stage_dir(stage), run.stage_dir(stage))
+                run.record(stage, entry)
+                copied.append(f"{stage} <- {src.path}")
+                break
+    return copied
+
+
+def seed_config(args: argparse.Namespace, seed: int, *extra: str) -> Config:
+    base = load_config(args.config)
+    root = Path(args.root) / f"{base.name}-seed{seed}"
+    return load_config(args.config, [f"run_dir={root}", f"seed={seed}", *args.overrides, *extra])
+
+
+def run_seed(args: argparse.Namespace, seed: int, chosen: list[str]) -> tuple[list[dict], dict[str, dict]]:
+    """Every stage of one seed; returns the variant rows and the tokenizer quality of this seed."""
+    cfg = seed_config(args, seed)
+    run = RunDir(cfg.run_dir)
+    first = seed_config(args, int(args.seeds.split(",")[0])).run_dir  # prepare and embed do not depend on the seed
+    # embed (seed-free, expensive) from the first seed first; prepare from --reuse first, beside its sasrec
+    lines = reuse(run, [first], seed, ("embed",)) if first != cfg.run_dir else []
+    lines += reuse(run, args.reuse, seed) + reuse(run, [first], seed, ("prepare",))
+    for line in lines:
+        logging.info("reused %s", line)
+    data_dir = resolve_data_dir(None)
+    prepare.run(cfg, run, data_dir)
+    embed.run(cfg, run)
+    t0 = time.perf_counter()
+    base = sasrec.run(cfg, run)
+    rows = [_row("sasrec-ce", seed, base, time.perf_counter() - t0)] if "sasrec-ce" in chosen else []
+    behavior = np.asarray(pq.read_table(run.stage_dir("sasrec") / "item_embeddings.parquet")
+                          .column("embedding").to_pylist(), dtype=np.float32)
+    quality: dict[str, dict] = {}
+    needed = {tok for name, (tok, _) in variants(args.seq_cl).items() if name in chosen and tok}
+    for name, extra in TOKENIZERS.items():
+        if not args.tokenizers_only and name not in needed and name != "rqkmeans":
+            continue
+        t0 = time.perf_counter()
+        res = tokenize.run(seed_config(args, seed, *extra), run, data_dir)
+        codes = np.asarray(pq.read_table(res.out_dir / "sids.parquet").column("codes").to_pylist())
+        quality[name] = {**res.metrics, "behavior_coherence": behavior_coherence(codes, behavior),
+                         "wall_s": round(time.perf_counter() - t0, 1), "skipped": res.skipped}
+    if args.tokenizers_only:
+        return rows, quality
+    for name, (tok, extra) in variants(args.seq_cl).items():
+        if name == "sasrec-ce" or name not in chosen:
+            continue
+        t0 = time.perf_counter()
+        sids = run.stage_dir(f"tokenize-{tok}") if tok else None
+        res = sasrec.run(seed_config(args, seed, *extra), run, sids)
+        rows.append(_row(name, seed, res, time.perf_counter() - t0))
+    return rows, quality
+
+
+def _row(name: str, seed: int, res: Any, wall: float) -> dict:
+    m = res.metrics
+    return {"variant": name, "seed": seed, "wall_s": round(wall, 1), "skipped": res.skipped,
+            "best_epoch": m.get("best_epoch"), "epochs_run": m.get("epochs_run"),
+            "reweight_weights": m.get("reweight_weights"), "test": m["test"], "valid": m["valid"]}
+
+
+def _mean_std(vals: list[float]) -> dict[str, float]:
+    a = np.asarray(vals, dtype=float)
+    return {"mean": float(np.nanmean(a)), "std": float(np.nanstd(a, ddof=1)) if len(a) > 1 else 0.0}
+
+
+def summarise(rows: list[dict]) -> dict[str, dict]:
+    out = {}
+    for name in dict.fromkeys(r["variant"] for r in rows):
+        rs = [r for r in rows if r["variant"] == name]
+        out[name] = {"seeds": [r["seed"] for r in rs], **{k: _mean_std([r["test"].get(k, np.nan) for r in rs])
+                                                            for k in KEYS}}
+    return out
+
+
+QUALITY = (("recon_rel", "relative reconstruction (codes)"), ("recon_rel_full", "reconstruction incl. specific"),
+           ("collision_rate", "collision rate (before)"), ("duplicate_rate", "items needing a digit"))
+
+
+def quality_table(per_seed: dict[int, dict[str, dict]]) -> tuple[list[tuple[str, ...]], tuple[str, ...]]:
+    names = list(dict.fromkeys(n for q in per_seed.values() for n in q))
+
+    def cell(name: str, fn: Any) -> str:
+        vals = [fn(q[name]) for q in per_seed.values() if name in q]
+        vals = [v for v in vals if v is not None]
+        if not vals:
+            return "–"
+        s = _mean_std(vals)
+        return f"{s['mean']:.3f}±{s['std']:.3f}" if len(vals) > 1 else f"{s['mean']:.3f}"
+
+    rows = [(label, *(cell(n, lambda q, k=key: q.get(k)) for n in names)) for key, label in QUALITY]
+    levels = max(len(q[n]["entropy"]) for q in per_seed.values() for n in q)
+    for level in range(levels):
+        for key, label in (("entropy_norm", "entropy / log2 K"), ("utilization", "utilization"),
+                           ("unique_prefix", "unique prefix"), ("behavior_coherence", "behavior coherence")):
+            rows.append((f"{label} L{level + 1}",
+                         *(cell(n, lambda q, k=key, lv=level: q[k][lv] if lv < len(q[k]) else None) for n in names)))
+    rows.append(("wall time (s)", *(cell(n, lambda q: q["wall_s"]) for n in names)))
+    return rows, ("figure", *names)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default="configs/amazon-beauty.yaml")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--root", default="runs/bench-bbqrec")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="override for every stage")
+    ap.add_argument("--reuse", action="append", default=[], help="run directory to copy finished stages from")
+    ap.add_argument("--seq-cl", type=float, default=0.1,
+                    help="sasrec.contrastive_weight of the reweighted variants (0 = no sequence-to-item loss)")
+    ap.add_argument("--variants", default="", help="comma-separated subset of the variants (default: all)")
+    ap.add_argument("--tokenizers-only", action="store_true", help="fit the tokenizers and print their table only")
+    ap.add_argument("--out", default="bench/results/bbqrec.json")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    init_ray(num_cpus=2)
+    all_variants = list(variants(args.seq_cl))
+    chosen = [v for v in args.variants.split(",") if v] or all_variants
+    unknown = set(chosen) - set(all_variants)
+    if unknown:
+        raise SystemExit(f"unknown variants {sorted(unknown)}; choose among {', '.join(all_variants)}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    name = load_config(args.config).name
+    rows: list[dict] = []
+    quality: dict[int, dict[str, dict]] = {}
+    for seed in map(int, args.seeds.split(",")):
+        seed_rows, quality[seed] = run_seed(args, seed, chosen)
+        rows += seed_rows
+        results = json.loads(out.read_text()) if out.is_file() else {}
+        results[name] = {"config": args.config, "overrides": args.overrides, "seq_cl": args.seq_cl,
+                         "machine": f"{platform.node()} {platform.machine()}", "runs": rows,
+                         "summary": summarise(rows), "tokenizers": {str(s): q for s, q in quality.items()}}
+        out.write_text(json.dumps(results, indent=2, default=str))
+    print(format_table(*quality_table(quality)))
+    if rows:
+        print()
+        table = [(v, *(f"{e[k]['mean']:.4f}±{e[k]['std']:.4f}" for k in KEYS), str(len(e["seeds"])))
+                 for v, e in summarise(rows).items()]
+        print(format_table(table, ("variant", *KEYS, "seeds")))
+
+
+if __name__ == "__main__":
+    main()

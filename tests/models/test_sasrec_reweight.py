@@ -1,0 +1,178 @@
+"""BBQRec's additions to SASRec: the SID-similarity attention reweighting (a no-op at weight 0; otherwise it
+moves attention only between items with matching codes, in the expected direction) and the
+sequence-to-item contrastive loss (CPU, < 2 s)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sidforge.models.sasrec import SASRec, SASRecConfig, SIDSimilarityBias
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+N_ITEMS, L = 12, 3
+
+
+def codes() -> torch.Tensor:
+    """(N_ITEMS, L): items 0-3 share level 1 = 0, items 0-1 share all levels up to 2; item 11 lacks level 3."""
+    c = torch.tensor([[0, 0, 0], [0, 0, 1], [0, 1, 0], [0, 2, 2], [1, 0, 0], [1, 1, 1], [2, 0, 0], [2, 1, 1],
+                      [3, 0, 0], [3, 1, 2], [4, 0, 0], [4, 1, -1]])
+    assert c.shape == (N_ITEMS, L)
+    return c
+
+
+def model(seed: int = 0, **overrides: object) -> SASRec:
+    fields = dict(num_items=N_ITEMS, max_len=8, hidden=16, num_layers=2, num_heads=2, ffn_hidden=32, dropout=0.1)
+    fields.update(overrides)
+    config = SASRecConfig(**fields)  # type: ignore[arg-type]
+    torch.manual_seed(seed)
+    return SASRec(config, codes() if config.sid_levels else None)
+
+
+def batch() -> tuple[torch.Tensor, torch.Tensor]:
+    P = N_ITEMS
+    ids = torch.tensor([[P, P, 0, 1, 4, 2, 3, 0], [5, 6, 7, 8, 9, 10, 11, 1], [P, P, P, P, P, 2, 0, 1]])
+    targets = torch.tensor([[P, P, 1, 4, 2, 3, 0, 6], [6, 7, 8, 9, 10, 11, 1, 2], [P, P, P, P, P, 0, 1, 3]])
+    return ids, targets
+
+
+@pytest.mark.parametrize("match", ["level", "prefix"])
+@pytest.mark.parametrize("loss", ["ce", "bce"])
+def test_weight_zero_is_bit_identical_to_plain_sasrec(match: str, loss: str):
+    plain = model(loss=loss)
+    zero = model(loss=loss, sid_levels=L, reweight_init=0.0, reweight_match=match, reweight_per_head=True)
+    # the reweighted model draws no extra random numbers: the same seed gives the same parameters
+    for name, p in plain.state_dict().items():
+        assert torch.equal(p, zero.state_dict()[name]), name
+    ids, targets = batch()
+    negatives = torch.randint(0, N_ITEMS, targets.shape, generator=torch.Generator().manual_seed(1))
+
+    def both(fn_name: str, *args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = []
+        for m in (plain, zero):
+            torch.manual_seed(5)  # the same dropout draws
+            r = getattr(m, fn_name)(*args)
+            out.append(r.loss if fn_name == "loss" else r)
+        return out[0], out[1]
+
+    # training (dropout on) and inference (no_grad): bit-identical
+    plain.train()
+    zero.train()
+    for name, args in (("loss", (ids, targets, negatives)), ("forward", (ids,))):
+        a, b = both(name, *args)
+        assert torch.equal(a, b), name
+    plain.eval()
+    zero.eval()
+    with torch.no_grad():
+        for name, args in (("loss", (ids, targets, negatives)), ("forward", (ids,)), ("score_all", (ids,))):
+            a, b = both(name, *args)
+            assert torch.equal(a, b), name
+        # a fixed (not learned) zero weight too
+        frozen = model(loss=loss, sid_levels=L, reweight_init=0.0, reweight_learned=False).eval()
+        assert torch.equal(frozen(ids), plain(ids))
+    # eval mode with autograd: a mask that needs a gradient sends SDPA to its math kernel instead of the
+    # fused one, so the two agree to float rounding only
+    a, b = both("forward", ids)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_bias_counts_per_level_or_prefix_matches_and_padding_matches_nothing():
+    w = torch.tensor([[1.0, 10.0, 100.0]])
+    pair = torch.tensor([[[0, 0, 0], [0, 2, 0], [-1, -1, -1]]])  # (1, T=3, L): level 1 and 3 match, level 2 not
+    level = SIDSimilarityBias(L, match="level", learned=False)
+    prefix = SIDSimilarityBias(L, match="prefix", learned=False)
+    level.weight.copy_(w)
+    prefix.weight.copy_(w)
+    assert level(pair)[0, 0, 0, 1] == 101.0 and prefix(pair)[0, 0, 0, 1] == 1.0
+    assert level(pair)[0, 0, 0, 0] == 111.0 == prefix(pair)[0, 0, 0, 0]  # an item matches itself fully
+    assert not level(pair)[0, 0, 2].any() and not level(pair)[0, 0, :, 2].any()  # -1 matches nothing, not even -1
+    assert isinstance(level.weight, torch.Tensor) and "weight" in dict(level.named_buffers())
+    assert "weight" in dict(SIDSimilarityBias(L, heads=2).named_parameters())
+    assert SIDSimilarityBias(L, heads=2)(pair).shape == (1, 2, 3, 3)
+
+
+def _attention(m: SASRec, ids: torch.Tensor) -> torch.Tensor:
+    """First layer's attention probabilities (B, nh, T, T), eval mode, with the model's own SID bias."""
+    blk = m.blocks[0]
+    B, T = ids.shape
+    pos = torch.arange(m.config.max_len - T, m.config.max_len)
+    x = blk.ln_1(m.item_emb(ids) + m.pos_emb(pos))
+    q, k, _ = blk.attn.c_attn(x).split(m.config.hidden, dim=2)
+    nh, hs = m.config.num_heads, m.config.hidden // m.config.num_heads
+    q = q.view(B, T, nh, hs).transpose(1, 2)
+    k = k.view(B, T, nh, hs).transpose(1, 2)
+    bias = m.sid_bias(m.sid_codes[ids]) if m.sid_bias is not None else None
+    mask = m._attn_mask(ids != m.config.pad_id, bias)
+    return torch.softmax(q @ k.transpose(-1, -2) / hs**0.5 + mask, dim=-1)
+
+
+def test_a_positive_weight_moves_attention_toward_keys_with_matching_codes_and_only_there():
+    plain, rw = model().eval(), model(sid_levels=L, reweight_init=0.7).eval()
+    ids, _ = batch()
+    with torch.no_grad():
+        ratio = _attention(rw, ids) / _attention(plain, ids)  # (B, nh, T, T); NaN where both are 0
+        matches = (codes()[ids.clamp(max=N_ITEMS - 1)][:, :, None, :] == codes()[ids.clamp(max=N_ITEMS - 1)][:, None, :, :])
+        n_match = (matches & (codes()[ids.clamp(max=N_ITEMS - 1)][:, :, None, :] >= 0)).sum(-1)  # (B, T, T)
+    real = ids != N_ITEMS
+    checked = 0
+    for b in range(ids.shape[0]):
+        for i in range(ids.shape[1]):
+            if not real[b, i]:
+                continue
+            keys = [j for j in range(i + 1) if real[b, j]]
+            if len({int(n_match[b, i, j]) for j in keys}) < 2:
+                continue  # every key matches equally: renormalisation leaves the row unchanged
+            for h in range(rw.config.num_heads):
+                r = {j: float(ratio[b, h, i, j]) for j in keys}
+                # attention is multiplied by exp(0.7 * matches) then renormalised: more matches, larger ratio
+                by_matches: dict[int, set[float]] = {}
+                for j in keys:
+                    by_matches.setdefault(int(n_match[b, i, j]), set()).add(round(r[j], 4))
+                levels = sorted(by_matches)
+                assert all(len(v) == 1 for v in by_matches.values()), by_matches  # same matches, same factor
+                factors = [by_matches[m].pop() for m in levels]
+                assert factors == sorted(factors) and factors[-1] > 1.0 > factors[0], factors
+                assert factors[-1] / factors[0] == pytest.approx(torch.exp(torch.tensor(0.7 * (levels[-1] - levels[0])))
+                                                                 .item(), rel=1e-3)
+                checked += 1
+    assert checked > 10
+
+
+def test_codes_are_a_buffer_saved_with_the_model_and_checked():
+    m = model(sid_levels=L)
+    state = m.state_dict()
+    assert torch.equal(state["sid_codes"][:N_ITEMS], codes()) and (state["sid_codes"][N_ITEMS] == -1).all()
+    again = SASRec(m.config)
+    again.load_state_dict(state)
+    assert torch.equal(again.sid_codes, m.sid_codes)
+    with pytest.raises(ValueError, match="sid_codes must have shape"):
+        m.set_sid_codes(codes()[:, :2])
+    with pytest.raises(ValueError, match="sid_levels=0"):
+        SASRec(SASRecConfig(num_items=N_ITEMS), codes())
+    frozen = model(sid_levels=L, reweight_learned=False)
+    assert "sid_bias.weight" not in dict(frozen.named_parameters())
+
+
+def test_sequence_to_item_contrastive_loss_is_added_and_trains():
+    ids, targets = batch()
+    plain = model(dropout=0.0).eval()
+    cl = model(dropout=0.0, contrastive_weight=0.5).eval()
+    a, b = plain.loss(ids, targets), cl.loss(ids, targets)
+    assert "contrastive" in b.metrics and "contrastive" not in a.metrics
+    assert torch.allclose(b.loss, a.loss + 0.5 * b.metrics["contrastive"])
+    # all three sequences end in different targets (6, 2, 3): positives among 3 candidates
+    assert 0.0 < float(b.metrics["contrastive"]) < 2 * torch.log(torch.tensor(3.0))
+    same = targets.clone()
+    same[:, -1] = 4  # every sequence has the same target: no negatives left, and no NaN
+    assert torch.isfinite(cl.loss(ids, same).loss)
+    opt = torch.optim.Adam(cl.parameters(), lr=1e-2)
+    first = float(cl.loss(ids, targets).metrics["contrastive"])
+    cl.train()
+    for _ in range(30):
+        out = cl.loss(ids, targets)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    cl.eval()
+    assert float(cl.loss(ids, targets).metrics["contrastive"]) < 0.5 * first

@@ -1,0 +1,207 @@
+"""BBQRec through the stages on configs/tiny.yaml: the BBQ tokenizer (unique IDs, quality report, assignment of
+new items from content alone, behavior binding, errors) and SASRec reweighted by those IDs writing
+RUN/sasrec-<name>; one slow 2-worker BBQ run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from sidforge import cli
+from sidforge.models.sasrec import SASRec, SASRecConfig
+from sidforge.platform.artifacts import RunDir
+from sidforge.platform.config import Config, ConfigError, load_config
+from sidforge.platform.logs import SPLIT_NAMES, TRAIN, choose_cold_items, order_and_split
+from sidforge.platform.metrics import popularity_buckets
+from sidforge.platform.schemas import INTERACTIONS, ITEM_STATS, DataError
+from sidforge.platform.synthetic import make_truth, sample_sequences, synthetic_items
+from sidforge.stages import sasrec, tokenize
+from sidforge.stages.embed import ItemEmbeddings
+
+REPO = Path(__file__).resolve().parents[2]
+BBQ = ["tokenize.method=bbq"]
+SASREC = ["sasrec.epochs=4"]
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _write_prepare_and_embed(cfg: Config) -> RunDir:
+    """``prepare`` and ``embed`` outputs written directly from the synthetic generator (no Ray)."""
+    run = RunDir(cfg.run_dir)
+    s = cfg.synthetic
+    truth = make_truth(s)
+    user, item, pos = sample_sequences(s, truth, s.num_users, np.random.default_rng(s.seed))
+    cold = choose_cold_items(s.num_items, cfg.prepare.cold_item_fraction, cfg.seed)
+    ub = order_and_split(user, item, pos, cfg.prepare.min_seq_len, cold)
+    prep = run.stage_dir("prepare")
+    (prep / "interactions").mkdir(parents=True)
+    pq.write_table(pa.table({"user_id": ub.user, "item_id": ub.item, "position": ub.position,
+                             "split": SPLIT_NAMES[ub.split].tolist()}, schema=INTERACTIONS),
+                   prep / "interactions" / "part-0.parquet")
+    counts = np.bincount(ub.item[ub.split == TRAIN], minlength=s.num_items)
+    pq.write_table(pa.table({"item_id": np.arange(s.num_items), "train_count": counts,
+                             "bucket": popularity_buckets(counts), "cold_holdout": cold}, schema=ITEM_STATS),
+                   prep / "item_stats.parquet")
+    feats = np.stack(synthetic_items(s, truth).column("feat_content").to_numpy(zero_copy_only=False))
+    run.stage_dir("embed").mkdir()
+    pq.write_table(ItemEmbeddings(np.arange(s.num_items), {"content": feats.astype(np.float32)}).to_table(),
+                   run.stage_dir("embed") / "item_embeddings.parquet")
+    return run
+
+
+def _config(run_dir: Path, *overrides: str) -> Config:
+    return load_config(REPO / "configs" / "tiny.yaml", [f"run_dir={run_dir}", *SASREC, *overrides])
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Path:
+    """prepare + embed, the plain SASRec (RUN/sasrec = e_b), BBQ IDs and BBQ IDs without the contrastive loss."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("tiny-bbqrec") / "run"
+    run = _write_prepare_and_embed(_config(root))
+    sasrec.run(_config(root), run)
+    tokenize.run(_config(root, *BBQ), run)
+    tokenize.run(_config(root, *BBQ, "tokenize.bbq.contrastive_weight=0", "tokenize.name=bbq-nocl"), run)
+    return root
+
+
+def _copy(built: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "run"
+    shutil.copytree(built, dst)
+    return dst
+
+
+def _embeddings(run: Path) -> tuple[np.ndarray, np.ndarray]:
+    content = ItemEmbeddings.from_table(pq.read_table(run / "embed" / "item_embeddings.parquet")).vectors["content"]
+    behavior = np.asarray(pq.read_table(run / "sasrec" / "item_embeddings.parquet").column("embedding").to_pylist())
+    return content, behavior
+
+
+# ----------------------------------------------------------------------------------------------
+# the BBQ tokenizer
+
+
+def test_bbq_writes_unique_ids_a_quality_report_and_assigns_new_items_from_content(built):
+    out = built / "tokenize-bbq"
+    cfg = _config(built, *BBQ)
+    sids = pq.read_table(out / "sids.parquet")
+    n = cfg.synthetic.num_items
+    assert sids.schema == tokenize.SIDS and sids.column("item_id").to_pylist() == list(range(n))
+    ids = np.array(sids.column("sid").to_pylist())
+    assert len(np.unique(ids, axis=0)) == n  # codes + digit: unique
+    report = json.loads((out / "quality.json").read_text())
+    assert report["method"] == "bbq" and report["unique_after"] == 1.0 and report["epochs"] == cfg.tokenize.bbq.epochs
+    assert len(report["utilization"]) == cfg.tokenize.levels and min(report["utilization"]) > 0.5
+    # codes alone (specific parts at their mean) explain less than codes + each item's specific parts
+    assert 0 < report["recon_rel_full"] < report["recon_rel"] < 1.5
+    assert len(report["behavior_coherence"]) == cfg.tokenize.levels
+    assert report["contrastive_last"] < report["contrastive_first"] - 0.5  # the codebook learned behavior
+
+    tok = tokenize.load_tokenizer(out)
+    content, _ = _embeddings(built)
+    codes = np.array(sids.column("codes").to_pylist())
+    assert tok.method == "bbq" and np.array_equal(tok.assign(content), codes)  # digit mode keeps the codes
+    rng = np.random.default_rng(1)
+    new = content[:10] + 0.05 * rng.normal(size=(10, content.shape[1])).astype(np.float32)  # unseen items
+    assigned = tok.assign(new)
+    assert assigned.shape == (10, cfg.tokenize.levels) and ((assigned >= 0) & (assigned < 16)).all()
+    assert (assigned[:, 0] == codes[:10, 0]).mean() >= 0.8  # a small perturbation mostly keeps the first code
+    assert tok.reconstruct(assigned).shape == new.shape
+    with pytest.raises(ValueError, match="shape"):
+        tok.assign(content[:, :3])
+
+    run = RunDir(built)
+    assert tokenize.run(cfg, run).skipped
+    assert tokenize.stage_config_hash(_config(built, *BBQ, "tokenize.rqvae.epochs=3")) == \
+        tokenize.stage_config_hash(cfg)  # the RQ-VAE settings do not concern a BBQ tokenizer
+    assert tokenize.stage_config_hash(_config(built, *BBQ, "tokenize.bbq.num_workers=2")) == \
+        tokenize.stage_config_hash(cfg)
+    assert tokenize.stage_config_hash(_config(built, *BBQ, "tokenize.bbq.mi_weight=0")) != \
+        tokenize.stage_config_hash(cfg)
+
+
+def test_the_contrastive_codebook_loss_binds_the_ids_to_behavior(built):
+    _, behavior = _embeddings(built)
+    full = json.loads((built / "tokenize-bbq" / "quality.json").read_text())
+    ablated = json.loads((built / "tokenize-bbq-nocl" / "quality.json").read_text())
+    # items sharing a first-level BBQ code are more alike in behavior than with the loss switched off
+    assert full["behavior_coherence"][0] > ablated["behavior_coherence"][0] + 0.02, (full, ablated)
+    assert full["contrastive_last"] < ablated["contrastive_last"] - 1.0
+
+
+def test_bbq_names_its_missing_inputs_and_bad_settings(built, tmp_path):
+    run_dir = _copy(built, tmp_path)
+    shutil.rmtree(run_dir / "sasrec")
+    with pytest.raises(DataError, match="run `sidforge train sasrec` first"):
+        tokenize.run(_config(run_dir, *BBQ, "tokenize.name=again"), RunDir(run_dir))
+    with pytest.raises(ConfigError, match="tokenize.source=embed"):
+        _config(run_dir, *BBQ, "tokenize.source=sasrec")
+    with pytest.raises(ConfigError, match="tokenize.bbq.mi_weight"):
+        _config(run_dir, *BBQ, "tokenize.bbq.mi_weight=-1")
+    assert not (run_dir / "tokenize-again").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# SASRec reweighted by the IDs
+
+
+def test_sasrec_reweighted_by_bbq_ids_writes_its_own_folder_and_leaves_the_behavior_model_alone(built, tmp_path):
+    run_dir = _copy(built, tmp_path)
+    run = RunDir(run_dir)
+    plain_entry = run.read_manifest().stages["sasrec"]
+    cfg = _config(run_dir, "sasrec.reweight=sid", "sasrec.name=bbq", "sasrec.reweight_init=0.5",
+                  "sasrec.contrastive_weight=0.1")
+    with pytest.raises(DataError, match="--sids"):
+        sasrec.run(cfg, run)
+    res = sasrec.run(cfg, run, run_dir / "tokenize-bbq")
+    assert res.out_dir == run_dir / "sasrec-bbq" and not res.skipped
+    assert res.metrics["test"]["recall@10"] > 5 * 10 / res.rows["items"]  # trained, far above random
+    w = np.array(res.metrics["reweight_weights"])
+    assert w.shape == (1, cfg.tokenize.levels) and not np.allclose(w, 0.5)  # learned from 0.5
+    history = json.loads((res.out_dir / "metrics.json").read_text())["history"]
+    assert len(history) == 4
+    saved = torch.load(res.out_dir / "model.pt", weights_only=False)
+    model = SASRec(SASRecConfig(**saved["config"]))
+    model.load_state_dict(saved["state_dict"])  # the codes travel with the model
+    codes = np.array(pq.read_table(run_dir / "tokenize-bbq" / "sids.parquet").column("codes").to_pylist())
+    assert np.array_equal(model.sid_codes[:-1].numpy(), codes) and saved["config"]["contrastive_weight"] == 0.1
+    assert run.read_manifest().stages["sasrec"] == plain_entry  # RUN/sasrec (e_b) untouched
+    assert sasrec.run(cfg, run, run_dir / "tokenize-bbq").skipped
+    # other IDs are another input: the variant trains again
+    assert not run.is_current("sasrec-bbq", sasrec.stage_config_hash(cfg),
+                              sasrec._input_fingerprints(run, run_dir / "tokenize-bbq-nocl"))
+    # the plain model's hash ignores the (unused) reweighting settings and the output name
+    plain = _config(run_dir)
+    assert sasrec.stage_config_hash(plain) == sasrec.stage_config_hash(
+        _config(run_dir, "sasrec.reweight_init=3", "sasrec.contrastive_temperature=0.5", "sasrec.name=x"))
+    assert _config(run_dir, "sasrec.reweight=sid").sasrec.output_name == "sasrec-sid"
+
+
+def test_cli_trains_a_reweighted_sasrec(built, tmp_path, capsys):
+    run_dir = _copy(built, tmp_path)
+    config = REPO / "configs" / "tiny.yaml"
+    assert cli.main(["train", "sasrec", "-c", str(config), "--run-dir", str(run_dir), "--reweight", "sid",
+                     "--sids", str(run_dir / "tokenize-bbq"), "--set", "sasrec.epochs=2"]) == 0
+    out = capsys.readouterr().out
+    assert "train sasrec: trained in" in out and "sasrec-sid" in out and "recall@10" in out
+    assert (run_dir / "sasrec-sid" / "metrics.json").is_file()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_bbq_on_two_workers_learns_and_keeps_the_replicas_in_sync(ray_cluster, built, tmp_path):
+    """Real Ray Train workers (DDP over gloo): every BBQ parameter takes part in every step."""
+    run_dir = _copy(built, tmp_path)
+    res = tokenize.run(_config(run_dir, *BBQ, "tokenize.name=two", "tokenize.bbq.num_workers=2"), RunDir(run_dir))
+    assert res.metrics["workers"] == 2 and res.metrics["unique_after"] == 1.0  # the stage checked the replicas
+    assert res.metrics["contrastive_last"] < res.metrics["contrastive_first"]
+    content, _ = _embeddings(run_dir)
+    codes = np.array(pq.read_table(res.out_dir / "sids.parquet").column("codes").to_pylist())
+    assert np.array_equal(tokenize.load_tokenizer(res.out_dir).assign(content), codes)
