@@ -86,7 +86,8 @@ def _stage_tokenize(cfg: Config, run: RunDir, data_dir: Path | None) -> StageRes
 def _stage_ranker(cfg: Config, run: RunDir, data_dir: Path | None) -> StageResult:
     from sidforge.stages import ranker
 
-    return ranker.run(cfg, run, run.stage_dir(cfg.tokenize.output_name) if cfg.ranker.mba else None)
+    uses_sids = cfg.ranker.mba or cfg.ranker.sid_features
+    return ranker.run(cfg, run, run.stage_dir(cfg.tokenize.output_name) if uses_sids else None)
 
 
 def _stage_generative(cfg: Config, run: RunDir, data_dir: Path | None) -> StageResult:
@@ -116,8 +117,8 @@ def register_stage(name: str, fn: StageFn) -> None:
 
 def _workers(cfg: Config, stage: str) -> int:
     section = getattr(cfg, stage, None)
-    if stage == "tokenize":
-        section = cfg.tokenize.rqvae if cfg.tokenize.method == "rqvae" else None
+    if stage == "tokenize":  # the trained tokenizers' sections (rqvae, bbq, ada_sid) have num_workers
+        section = getattr(cfg.tokenize, cfg.tokenize.method.replace("-", "_"), None)
     return int(getattr(section, "num_workers", 0) or 0)
 
 
@@ -271,7 +272,7 @@ def run_sweep(cfg_path: str | None, overrides: list[str], space: SearchSpace, *,
                            tune_config=_tune_config(space, base, num_samples),
                            run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(out), verbose=0,
                                                      failure_config=tune.FailureConfig(max_failures=0),
-                                                     callbacks=[_progress_callback(space)]))
+                                                     callbacks=_callbacks(space)))
     grid = tuner.fit()
     table = results_table(grid, space)
     table.to_csv(out / "results.csv", index=False)
@@ -326,6 +327,14 @@ def _tune_config(space: SearchSpace, base: Config, num_samples: int | None) -> A
                            search_alg=search_alg, max_concurrent_trials=space.max_concurrent)
 
 
+def _callbacks(space: SearchSpace) -> list[Any]:
+    # The JSON and CSV loggers are what ResultGrid reads metrics back from; the quiet environment
+    # (TUNE_DISABLE_AUTO_CALLBACK_LOGGERS, which also drops TensorBoard) turns the automatic ones off.
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+    return [JsonLoggerCallback(), CSVLoggerCallback(), _progress_callback(space)]
+
+
 def _progress_callback(space: SearchSpace) -> Any:
     """One log line per finished or failed trial (Tune's own status table is off)."""
     from ray.tune import Callback
@@ -348,6 +357,14 @@ def _progress_callback(space: SearchSpace) -> Any:
     return _Progress()
 
 
+def _error_line(error: BaseException | None) -> str:
+    """The exception's own last line (``RuntimeError: ...``), not Ray's task wrapper header."""
+    if error is None:
+        return ""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return (lines[-1] if lines else type(error).__name__)[:300]
+
+
 def _plain(value: Any) -> Any:
     return value.item() if isinstance(value, np.generic) else value
 
@@ -368,7 +385,7 @@ def results_table(grid: Any, space: SearchSpace) -> Any:
         row = {"trial_id": metrics.get("trial_id") or Path(result.path).name,
                "status": "ERROR" if result.error else "TERMINATED", space.metric: value,
                "iterations": metrics.get("training_iteration", 0),
-               "error": "" if not result.error else str(result.error).splitlines()[0][:300]}
+               "error": _error_line(result.error)}
         for p in space.params:
             row[p.path] = result.config.get(p.path)
         for key in space.extra_metrics:

@@ -13,10 +13,10 @@ import textwrap
 import time
 from pathlib import Path
 
-import cloudpickle
 import numpy as np
 import pytest
 import yaml
+from ray import cloudpickle as ray_cloudpickle
 
 from sidforge.platform.artifacts import RunDir, StageResult
 from sidforge.platform.config import Config, ConfigError, load_config
@@ -26,7 +26,7 @@ from sidforge.tuning.spaces import load_space
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "tiny.yaml"
 
-cloudpickle.register_pickle_by_value(sys.modules[__name__])  # trials run in Ray worker processes
+ray_cloudpickle.register_pickle_by_value(sys.modules[__name__])  # trials run in Ray worker processes
 
 
 def fake_stage(cfg: Config, run: RunDir, data_dir: Path | None) -> StageResult:
@@ -157,7 +157,7 @@ RESUME_SCRIPT = textwrap.dedent("""
     import os, sys
     sys.path.insert(0, {tests!r})
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    from tuning import test_sweep  # registers the fake stage
+    import test_sweep  # registers the fake stage
     from sidforge.platform.runtime import init_ray
     from sidforge.tuning.spaces import load_space
     from sidforge.tuning.sweep import run_sweep
@@ -173,7 +173,7 @@ RESUME_SCRIPT = textwrap.dedent("""
 def test_an_interrupted_sweep_resumes(tmp_path):
     space = _space(tmp_path, params={"align.temperature": {"choice": [0.05, 0.1, 0.2, 0.4]}}, max_concurrent=1)
     script = tmp_path / "sweep_script.py"
-    script.write_text(RESUME_SCRIPT.format(tests=str(REPO / "tests"), space=str(space), config=str(TINY),
+    script.write_text(RESUME_SCRIPT.format(tests=str(REPO / "tests" / "tuning"), space=str(space), config=str(TINY),
                                            override=f"run_dir={tmp_path / 'run'}"))
     env = {**os.environ, "FAKE_SLEEP": "1.0", "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
