@@ -3,6 +3,7 @@
     sidforge prepare --config configs/amazon-beauty.yaml [--set prepare.coclick.window=5]
     sidforge tokenize --config configs/amazon-beauty.yaml --method rqkmeans
     sidforge tokenize --config configs/amazon-beauty.yaml --method bbq          (after train sasrec)
+    sidforge tokenize --config configs/amazon-beauty.yaml --method ada-sid      (after train sasrec)
     sidforge train sasrec --config configs/amazon-beauty.yaml --reweight sid --sids runs/amazon-beauty/tokenize-bbq
     sidforge train generative --config configs/amazon-beauty.yaml --sids runs/amazon-beauty/tokenize-rqvae
     sidforge train align --config configs/amazon-beauty-savior.yaml
@@ -63,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="users per beam-search batch")
 
     p = sub.add_parser("tokenize", help="semantic IDs from item embeddings, with a quality report (after embed)")
-    p.add_argument("--method", choices=["rqvae", "rqkmeans", "bbq", "precomputed"],
+    p.add_argument("--method", choices=["rqvae", "rqkmeans", "bbq", "ada-sid", "precomputed"],
                    help="tokenizer (default: the config's tokenize.method)")
     _add_common(p)
 
@@ -169,7 +170,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         if cfg.ranker.num_workers > 0 or args.address:
             init_ray(args.address)
         sids = Path(args.sids) if args.sids else run_dir.stage_dir(cfg.tokenize.output_name)
-        result = ranker.run(cfg, run_dir, sids if cfg.ranker.mba else None, force=args.force)
+        result = ranker.run(cfg, run_dir, sids if cfg.ranker.mba or cfg.ranker.sid_features else None,
+                            force=args.force)
         return _print_ranker(result)
     else:
         from sidforge.stages import sasrec
@@ -244,7 +246,8 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
     if args.method:
         args.overrides = [f"tokenize.method={args.method}", *args.overrides]
     cfg = _config(args)
-    if cfg.tokenize.rqvae.num_workers > 0 or cfg.tokenize.bbq.num_workers > 0 or args.address:
+    t = cfg.tokenize
+    if t.rqvae.num_workers > 0 or t.bbq.num_workers > 0 or t.ada_sid.num_workers > 0 or args.address:
         init_ray(args.address)
     result = tokenize.run(cfg, RunDir(cfg.run_dir), resolve_data_dir(args.data_dir), force=args.force)
     status = "unchanged (skipped)" if result.skipped else f"done in {result.wall_time_s:.1f} s"
@@ -265,6 +268,12 @@ def quality_rows(q: dict) -> list[tuple[str, str]]:
             ("largest shared ID", f"{int(q['max_group'])}"),
             ("unique prefix per level", levels("unique_prefix", ".1%")),
             ("unique after collision step", f"{q['unique_after']:.1%}"), ("ID length", f"{q['sid_length']}")]
+    if "avg_codes" in q:  # variable-length IDs (ada-sid)
+        rows.append(("average ID length (with digit)", f"{q['avg_sid_length']:.2f}"))
+    if "dropped_share" in q:
+        rows.append(("dropped behavioral IDs", f"{q['dropped_share']:.1%}"))
+        rows += [(f"  {b}: dropped / alignment w", f"{v['dropped_share']:.1%} / {v['alignment_w']:.3f}")
+                 for b, v in q.get("by_bucket", {}).items() if "dropped_share" in v]
     if "recon_rel" in q:
         rows.insert(1, ("relative reconstruction error", f"{q['recon_rel']:.4f}"))
     if "recon_rel_full" in q:  # bbq: codes + each item's modality-specific parts

@@ -14,7 +14,7 @@ __all__ = ["CLUB", "info_nce"]
 
 
 def info_nce(a: Tensor, b: Tensor, temperature: float, keys: Tensor | None = None,
-             symmetric: bool = True) -> Tensor:
+             symmetric: bool = True, reduction: str = "mean") -> Tensor:
     """InfoNCE between paired rows of ``a`` and ``b``; the other rows of the batch are the negatives.
 
     Args:
@@ -24,10 +24,14 @@ def info_nce(a: Tensor, b: Tensor, temperature: float, keys: Tensor | None = Non
         keys: optional (B,) ids; rows sharing a key with the positive (e.g. the same target item twice in
             one batch) are not used as negatives.
         symmetric: average the a→b and b→a directions (CLIP-style); otherwise a→b only.
+        reduction: ``mean`` (a scalar) or ``none``: (B,) one loss per pair i (row i's a→b term, averaged
+            with column i's b→a term when symmetric), for per-item weights.
 
     Returns:
-        Scalar loss (mean over rows).
+        Scalar loss (mean over rows), or (B,) with ``reduction="none"``.
     """
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
     a = F.normalize(a, dim=-1)
     b = F.normalize(b, dim=-1)
     logits = a @ b.T / temperature  # (B, B)
@@ -36,9 +40,9 @@ def info_nce(a: Tensor, b: Tensor, temperature: float, keys: Tensor | None = Non
         same.fill_diagonal_(False)
         logits = logits.masked_fill(same, float("-inf"))
     labels = torch.arange(len(a), device=a.device)
-    loss = F.cross_entropy(logits, labels)
+    loss = F.cross_entropy(logits, labels, reduction=reduction)
     if symmetric:
-        loss = 0.5 * (loss + F.cross_entropy(logits.T, labels))
+        loss = 0.5 * (loss + F.cross_entropy(logits.T, labels, reduction=reduction))
     return loss
 
 

@@ -20,6 +20,11 @@ gives the click logit; the loss is binary cross-entropy.
 
 Ablations are constructor switches: ``content_dim=0`` (item-ID only, one block), ``sid_levels=0``
 (no MBA), ``mba_skip=False`` (z_align = v_align), ``bidirectional=False`` (the two in-space blocks).
+
+**SID features** (``sid_sizes``, ADA-SID's use of semantic IDs in ranking; off by default): per-level
+embedding tables E_l; an item's feature is s(i) = sum_l w_l(i) E_l[c_l(i)] over its (possibly
+variable-length) ID with per-code weights w (ADA-SID's router weights, 1 for other tokenizers; 0 for the
+levels an ID lacks), appended to the behavior face: h(i) = W_h [e_id(i); stats(i); s(i)].
 """
 
 from __future__ import annotations
@@ -48,6 +53,8 @@ class RankerConfig:
         attn_hidden: hidden width of each attention scoring MLP.
         mlp: hidden widths of the prediction DNN.
         dropout: dropout in the prediction DNN.
+        sid_sizes: per-level table sizes of the SID features; empty = no SID features.
+        sid_dim: width of the SID feature tables.
     """
 
     num_items: int
@@ -62,6 +69,8 @@ class RankerConfig:
     attn_hidden: int = 64
     mlp: tuple[int, ...] = field(default=(200, 80))
     dropout: float = 0.0
+    sid_sizes: tuple[int, ...] = ()
+    sid_dim: int = 64
 
     def __post_init__(self) -> None:
         if self.num_items < 1 or self.id_dim < 1:
@@ -135,7 +144,8 @@ class SaviorRanker(nn.Module):
     """The CTR ranker; see the module docstring.
 
     The frozen item tables are buffers set once with :meth:`set_item_tables` (or loaded with the state
-    dict): ``stats`` (N+1, S), ``content`` (N+1, C) and ``codes`` (N+1, L), row N being the padding item.
+    dict): ``stats`` (N+1, S), ``content`` (N+1, C) and ``codes`` (N+1, L), row N being the padding item;
+    with SID features also ``sid_codes`` (N+1, L') and ``sid_weights`` (N+1, L').
     """
 
     def __init__(self, config: RankerConfig) -> None:
@@ -146,8 +156,14 @@ class SaviorRanker(nn.Module):
         nn.init.normal_(self.item_emb.weight, std=0.02)
         with torch.no_grad():
             self.item_emb.weight[c.pad_id].zero_()
-        self.behavior_proj = nn.Linear(c.id_dim + c.num_stats, c.id_dim)
+        self.behavior_proj = nn.Linear(c.id_dim + c.num_stats + (c.sid_dim if c.sid_sizes else 0), c.id_dim)
         self.register_buffer("stats", torch.zeros(n, c.num_stats))
+        if c.sid_sizes:
+            self.register_buffer("sid_codes", torch.zeros(n, len(c.sid_sizes), dtype=torch.long))
+            self.register_buffer("sid_weights", torch.zeros(n, len(c.sid_sizes)))
+            self.sid_tables = nn.ModuleList(nn.Embedding(k, c.sid_dim) for k in c.sid_sizes)
+            for table in self.sid_tables:
+                nn.init.normal_(table.weight, std=0.02)
         blocks = 1
         if c.content_dim:
             self.register_buffer("content", torch.zeros(n, c.content_dim))
@@ -166,13 +182,17 @@ class SaviorRanker(nn.Module):
 
     # ------------------------------------------------------------------------------------------
 
-    def set_item_tables(self, stats: Tensor, content: Tensor | None = None, codes: Tensor | None = None) -> None:
+    def set_item_tables(self, stats: Tensor, content: Tensor | None = None, codes: Tensor | None = None,
+                        sid_codes: Tensor | None = None, sid_weights: Tensor | None = None) -> None:
         """Fill the frozen per-item tables (item rows 0..N-1; the padding row stays zero).
 
         Args:
             stats: (N, num_stats) float item statistics.
             content: (N, content_dim) frozen content embeddings z (when ``content_dim`` > 0).
             codes: (N, L) SID codes, level l in [0, codebook_sizes[l]) (when MBA is on).
+            sid_codes: (N, L') codes of the SID features, -1 where an ID has no code at that level
+                (when ``sid_sizes``).
+            sid_weights: (N, L') their weights (default 1 for every code).
         """
         c, n = self.config, self.config.num_items
         if stats.shape != (n, c.num_stats):
@@ -191,6 +211,28 @@ class SaviorRanker(nn.Module):
             if (codes < 0).any() or (codes >= sizes).any():
                 raise ValueError(f"codes must lie in [0, K_l) per level, K = {c.codebook_sizes}")
             self.codes[:n] = codes.to(self.codes)
+        if c.sid_sizes:
+            self._set_sid_rows(torch.arange(n), sid_codes, sid_weights)
+
+    def _set_sid_rows(self, rows: Tensor, sid_codes: Tensor | None, sid_weights: Tensor | None) -> None:
+        sizes = self.config.sid_sizes
+        if sid_codes is None or sid_codes.shape != (len(rows), len(sizes)):
+            raise ValueError(f"sid_codes must be ({len(rows)}, {len(sizes)}), got "
+                             f"{None if sid_codes is None else tuple(sid_codes.shape)}")
+        if (sid_codes < -1).any() or (sid_codes >= torch.tensor(sizes)).any():
+            raise ValueError(f"sid_codes must lie in [0, K_l) per level (-1 = none), K = {sizes}")
+        weights = torch.ones(sid_codes.shape) if sid_weights is None else sid_weights.to(torch.float32)
+        if weights.shape != sid_codes.shape:
+            raise ValueError(f"sid_weights must match sid_codes {tuple(sid_codes.shape)}, got {tuple(weights.shape)}")
+        kept = sid_codes >= 0
+        self.sid_codes[rows] = sid_codes.clamp(min=0).to(self.sid_codes)
+        self.sid_weights[rows] = (weights * kept).to(self.sid_weights)  # a missing level weighs nothing
+
+    def sid_feature(self, items: Tensor) -> Tensor:
+        """s(i) = sum_l w_l(i) E_l[c_l(i)]: (…,) → (…, sid_dim)."""
+        codes, weights = self.sid_codes[items], self.sid_weights[items]  # (…, L')
+        rows = torch.stack([table(codes[..., level]) for level, table in enumerate(self.sid_tables)], dim=-2)
+        return (rows * weights.unsqueeze(-1)).sum(dim=-2)
 
     def aligned_content(self, items: Tensor) -> Tensor:
         """z_align of ``items`` (any shape (…,)) → (…, content_dim)."""
@@ -202,7 +244,10 @@ class SaviorRanker(nn.Module):
 
     def behavior(self, items: Tensor) -> Tensor:
         """h(i): (…,) → (…, id_dim)."""
-        return self.behavior_proj(torch.cat([self.item_emb(items), self.stats[items]], dim=-1))
+        parts = [self.item_emb(items), self.stats[items]]
+        if self.config.sid_sizes:
+            parts.append(self.sid_feature(items))
+        return self.behavior_proj(torch.cat(parts, dim=-1))
 
     def multimodal(self, items: Tensor) -> Tensor:
         """m(i): (…,) → (…, id_dim)."""
@@ -241,3 +286,68 @@ class SaviorRanker(nn.Module):
     def loss(self, history: Tensor, target: Tensor, labels: Tensor) -> RankerOutput:
         """:meth:`forward` with labels (the training entry point the runner wraps)."""
         return self.forward(history, target, labels)
+
+
+# ----------------------------------------------------------------------------------------------
+# items added after training (serving)
+
+
+def with_capacity(model: SaviorRanker, num_items: int) -> SaviorRanker:
+    """A copy of ``model`` with item rows for ``num_items`` items (at least its own).
+
+    Every weight and the rows of the trained items are kept. The added rows stand for items the model
+    never saw: a zero item-ID embedding (what the padding row holds; no ID was trained for them), zero
+    statistics (a train count of 0, like a cold item), and zero content and codes until
+    :func:`set_item_rows` fills them. The padding id moves to ``num_items``.
+
+    Args:
+        model: a trained ranker.
+        num_items: the new catalogue size (>= ``model.config.num_items``).
+    """
+    from dataclasses import replace
+
+    c = model.config
+    if num_items < c.num_items:
+        raise ValueError(f"num_items={num_items} is below the model's {c.num_items} items")
+    grown = SaviorRanker(replace(c, num_items=num_items))
+    state = model.state_dict()
+    for name, target in grown.state_dict().items():
+        if target.shape != state[name].shape:  # an item table: (N + 1, …) -> (num_items + 1, …)
+            rows = torch.zeros_like(target)
+            rows[: c.num_items] = state[name][: c.num_items]
+            state[name] = rows
+    grown.load_state_dict(state)
+    return grown.train(model.training)
+
+
+def set_item_rows(model: SaviorRanker, items: Tensor, stats: Tensor, content: Tensor | None = None,
+                  codes: Tensor | None = None) -> None:
+    """Fill the frozen tables of some items (new ones, after :func:`with_capacity`) in place.
+
+    Args:
+        items: (M,) item ids in ``[0, num_items)``.
+        stats: (M, num_stats) item statistics.
+        content: (M, content_dim) content embeddings z (when ``content_dim`` > 0).
+        codes: (M, L) SID codes, level l in [0, codebook_sizes[l]) (when MBA is on).
+    """
+    c = model.config
+    items = torch.as_tensor(items, dtype=torch.long)
+    m = len(items)
+    if items.dim() != 1 or (m and (int(items.min()) < 0 or int(items.max()) >= c.num_items)):
+        raise ValueError(f"items must be a (M,) tensor of ids in [0, {c.num_items})")
+    if stats.shape != (m, c.num_stats):
+        raise ValueError(f"stats must be ({m}, {c.num_stats}), got {tuple(stats.shape)}")
+    if c.content_dim and (content is None or content.shape != (m, c.content_dim)):
+        raise ValueError(f"content must be ({m}, {c.content_dim}), got {None if content is None else tuple(content.shape)}")
+    if c.codebook_sizes:
+        if codes is None or codes.shape != (m, len(c.codebook_sizes)):
+            raise ValueError(f"codes must be ({m}, {len(c.codebook_sizes)}), got "
+                             f"{None if codes is None else tuple(codes.shape)}")
+        if (codes < 0).any() or (codes >= torch.tensor(c.codebook_sizes)).any():
+            raise ValueError(f"codes must lie in [0, K_l) per level, K = {c.codebook_sizes}")
+    with torch.no_grad():
+        model.stats[items] = stats.to(model.stats)
+        if c.content_dim:
+            model.content[items] = content.to(model.content)  # type: ignore[union-attr]
+        if c.codebook_sizes:
+            model.codes[items] = codes.to(model.codes)  # type: ignore[union-attr]

@@ -9,6 +9,11 @@ every tokenizer ends with a collision step, chosen by name from :data:`COLLISION
   nearest *free* code of the last level under the same prefix. IDs keep their length. When a prefix has
   no free last-level code left (more than K items under it), the remaining items fall back to a digit;
   the quality report counts them.
+
+**Variable-length IDs** (ADA-SID drops codes) are handled as ``(N, L)`` arrays with ``-1`` where a code is
+dropped: two items collide when their rows are equal (same codes, dropped in the same places), the
+``digit`` resolver and :func:`quality` work on such rows, and :func:`variable_length` turns them into the
+lists an ID table stores.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ __all__ = [
     "quality",
     "reassign_collisions",
     "resolve_collisions",
+    "variable_length",
 ]
 
 
@@ -152,6 +158,10 @@ def quality(codes: np.ndarray, codebook_size: int, x: np.ndarray | None = None,
         codebook_size: K.
         x, x_hat: optional (N, D) inputs and their reconstructions from the codes.
 
+    A ``-1`` code is a dropped one (variable-length IDs): the per-level figures count the items that
+    have a code at that level, and ``presence`` (per level: share of items with a code there) and
+    ``avg_codes`` (codes per item) are added.
+
     Returns:
         ``utilization`` (per level: share of the K codes used by at least one item), ``entropy``
         (per level, bits), ``entropy_norm`` (entropy / log2 K), ``perplexity`` (2^entropy),
@@ -163,9 +173,11 @@ def quality(codes: np.ndarray, codebook_size: int, x: np.ndarray | None = None,
     n, num_levels = codes.shape
     util, ent, uniq = [], [], []
     for level in range(num_levels):
-        counts = np.bincount(codes[:, level], minlength=codebook_size)
+        col = codes[:, level]
+        col = col[col >= 0]
+        counts = np.bincount(col, minlength=codebook_size)
         util.append(float((counts > 0).mean()))
-        p = counts[counts > 0] / n
+        p = counts[counts > 0] / max(len(col), 1)
         ent.append(float(-(p * np.log2(p)).sum()))
         _, inverse, sizes = np.unique(codes[:, : level + 1], axis=0, return_inverse=True, return_counts=True)
         uniq.append(float((sizes[inverse.reshape(-1)] == 1).mean()))
@@ -181,9 +193,29 @@ def quality(codes: np.ndarray, codebook_size: int, x: np.ndarray | None = None,
         "max_group": float(sizes.max()),
         "unique_prefix": uniq,
     }
+    if (codes < 0).any():
+        out["presence"] = [float(v) for v in (codes >= 0).mean(axis=0)]
+        out["avg_codes"] = float((codes >= 0).sum(axis=1).mean())
     if x is not None and x_hat is not None:
         out["recon_rel"] = float(((x - x_hat) ** 2).sum() / max(float((x**2).sum()), 1e-12))
     return out
+
+
+def variable_length(codes: np.ndarray, offsets: np.ndarray | None = None) -> list[np.ndarray]:
+    """Each row's kept codes (``>= 0``, in column order), plus the column's offset when given.
+
+    Args:
+        codes: (N, L) codes, -1 where dropped.
+        offsets: optional (L,) integers added to the codes of each column (e.g. ``expert * K``, so a
+            token names the codebook it came from whatever position it ends up in).
+
+    Returns:
+        N int64 arrays of lengths between 0 and L.
+    """
+    codes = np.asarray(codes, dtype=np.int64)
+    shifted = codes + (0 if offsets is None else np.asarray(offsets, dtype=np.int64)[None, :])
+    kept = codes >= 0
+    return [row[k] for row, k in zip(shifted, kept)]
 
 
 def behavior_coherence(codes: np.ndarray, behavior: np.ndarray) -> list[float]:

@@ -434,13 +434,151 @@ class BBQTrainConfig:
 
 
 @dataclass(frozen=True)
+class AdaSIDTrainConfig:
+    """ADA-SID's mixture-of-quantization tokenizer (``tokenize.method=ada-sid``); see
+    :mod:`sidforge.models.ada_sid` for the model and the choices where the paper is silent.
+
+    Defaults are the paper's Amazon Beauty setting: K = 100, N_s = N_t = N_v = 1, N_b = 5, alpha = 10,
+    beta = 9, tau = 0.07, sparsity target 3/5. ``tokenize.levels`` and ``tokenize.codebook_size`` are not
+    used by this method (the expert counts give the ID length, ``codebook_size`` here its K).
+
+    Attributes:
+        behavior: the stage whose ``item_embeddings.parquet`` holds e_b (``sasrec``).
+        richness: the information-richness proxy N_norm is min-max normalised from: ``norm`` (the paper:
+            the L2 norm of e_b) or ``log_count`` (log(1 + train interactions), our alternative). Items
+            with no training interaction have no behavior: N_norm = 0, alignment weight 0, no
+            behavioral codes, and they are left out of the min-max range.
+        codebook_size: K codes of every expert's codebook.
+        shared_experts: N_s experts quantizing the fused content + behavior projection (0 = ablation
+            without shared experts).
+        specific_experts: N_m experts per content modality, in ``tokenize.modalities`` order; one value
+            applies to every modality.
+        behavior_experts: N_b behavioral experts, one code each, weighted (and dropped) by the router.
+        hidden: hidden widths of every projection (the decoders mirror them).
+        proj_dim: width of the per-modality projections h_t, h_v, h_b.
+        latent_dim: width of each expert's (unit-length) latent and codewords.
+        beta: commitment weight.
+        adaptive_alignment: w = sigmoid(alpha N_norm - beta) / sigmoid(alpha - beta); false = the
+            ablation with w = 1 for every item with behavior.
+        align_alpha, align_beta: alpha and beta of that curve.
+        temperature: tau of both InfoNCE terms.
+        align_weight: weight of the w-weighted behavior<->content InfoNCE.
+        content_weight: weight of the text<->image InfoNCE (only items with both).
+        router: the dynamic behavioral router; false = the ablation with equal weights 1 (no IDs dropped).
+        router_hidden: hidden width of the router MLP.
+        router_leak: gradient factor of the router's ReLU below zero, backward pass only (the forward
+            keeps exact zeros), so a dropped ID can come back (our choice; 0 = plain ReLU).
+        sparsity: the L1 sparsity term toward theta (1 - N_norm); false = the ablation without it.
+        sparsity_target: theta, the target share of dropped behavioral IDs of the sparsest items.
+        lambda_init: lambda_0 of the adaptive L1 coefficient.
+        lambda_rate: the multiplicative step of lambda after every batch (lambda *= rate^sign(gap)).
+        sparsity_bins: lambda is kept per N_norm bin so that one coefficient serves items of similar
+            targets (our choice; 1 = one global lambda as in ReMoE).
+        balance_weight: weight of the load-balancing term over the behavioral experts.
+        behavior_recon_weight: weight of reconstructing e_b (items with behavior only).
+        dropout: MLP dropout.
+        lr, weight_decay: AdamW.
+        batch_size: items per step and per worker (also the in-batch negatives of both InfoNCE terms).
+        epochs: passes over the (training share of the) catalogue.
+        kmeans_init: initialise every expert's codebook by k-means on its first latents.
+        dead_code_min_usage: after each epoch, codes used by fewer items move onto live latents.
+        valid_fraction: share of items held out of training to report ``valid/recon_rel`` each epoch
+            (they still get IDs); 0 = none.
+        num_workers, cpus_per_worker, max_failures: as in ``tokenize.rqvae``.
+    """
+
+    behavior: str = "sasrec"
+    richness: Literal["norm", "log_count"] = "norm"
+    codebook_size: int = 100
+    shared_experts: int = 1
+    specific_experts: list[int] = field(default_factory=lambda: [1])
+    behavior_experts: int = 5
+    hidden: list[int] = field(default_factory=lambda: [256])
+    proj_dim: int = 64
+    latent_dim: int = 32
+    beta: float = 0.25
+    adaptive_alignment: bool = True
+    align_alpha: float = 10.0
+    align_beta: float = 9.0
+    temperature: float = 0.07
+    align_weight: float = 1.0
+    content_weight: float = 1.0
+    router: bool = True
+    router_hidden: int = 64
+    router_leak: float = 0.01
+    sparsity: bool = True
+    sparsity_target: float = 0.6
+    lambda_init: float = 0.01
+    lambda_rate: float = 1.2
+    sparsity_bins: int = 10
+    balance_weight: float = 0.01
+    behavior_recon_weight: float = 1.0
+    dropout: float = 0.0
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 512
+    epochs: int = 100
+    kmeans_init: bool = True
+    dead_code_min_usage: int = 1
+    valid_fraction: float = 0.05
+    num_workers: int = 0
+    cpus_per_worker: float = 1.0
+    max_failures: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("codebook_size", "proj_dim", "latent_dim", "router_hidden", "sparsity_bins", "epochs"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"tokenize.ada_sid.{name} must be >= 1, got {getattr(self, name)}")
+        if self.codebook_size < 2 or self.batch_size < 2:
+            raise ConfigError("tokenize.ada_sid.codebook_size and tokenize.ada_sid.batch_size must be >= 2 (the "
+                              "InfoNCE terms need in-batch negatives)")
+        if self.shared_experts < 0 or self.behavior_experts < 0:
+            raise ConfigError("tokenize.ada_sid.shared_experts and behavior_experts must be >= 0 (0 = none)")
+        if not self.specific_experts or any(n < 0 for n in self.specific_experts):
+            raise ConfigError(f"tokenize.ada_sid.specific_experts must list counts >= 0 (one per modality, or one "
+                              f"for all), got {self.specific_experts}")
+        if self.shared_experts + sum(self.specific_experts) + self.behavior_experts < 1:
+            raise ConfigError("tokenize.ada_sid: shared_experts + specific_experts + behavior_experts must be >= 1")
+        if any(h < 1 for h in self.hidden):
+            raise ConfigError(f"tokenize.ada_sid.hidden must list positive layer widths, got {self.hidden}")
+        for name in ("beta", "align_weight", "content_weight", "balance_weight", "behavior_recon_weight",
+                     "weight_decay", "lambda_init", "router_leak"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"tokenize.ada_sid.{name} must be >= 0 (0 turns the term off), got "
+                                  f"{getattr(self, name)}")
+        if self.align_alpha <= 0:
+            raise ConfigError(f"tokenize.ada_sid.align_alpha must be > 0 (the paper: 10), got {self.align_alpha}")
+        if self.align_alpha == self.align_beta:
+            raise ConfigError("tokenize.ada_sid.align_alpha must differ from align_beta (w normalises by "
+                              "sigmoid(alpha - beta)); the paper uses alpha=10, beta=9")
+        if self.lr <= 0 or self.temperature <= 0:
+            raise ConfigError("tokenize.ada_sid.lr and tokenize.ada_sid.temperature must be > 0")
+        if not 0.0 <= self.sparsity_target <= 1.0:
+            raise ConfigError(f"tokenize.ada_sid.sparsity_target must be in [0, 1] (the paper: 0.6), got "
+                              f"{self.sparsity_target}")
+        if self.lambda_rate < 1.0:
+            raise ConfigError(f"tokenize.ada_sid.lambda_rate must be >= 1 (1 = a fixed lambda), got {self.lambda_rate}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"tokenize.ada_sid.dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 <= self.valid_fraction < 0.5:
+            raise ConfigError(f"tokenize.ada_sid.valid_fraction must be in [0, 0.5), got {self.valid_fraction}")
+        if not self.behavior or not all(c.isalnum() or c in "-_" for c in self.behavior):
+            raise ConfigError(f"tokenize.ada_sid.behavior={self.behavior!r} must name a stage folder such as sasrec")
+        if self.dead_code_min_usage < 0:
+            raise ConfigError("tokenize.ada_sid.dead_code_min_usage must be >= 0 (0 = never re-initialise)")
+        if self.num_workers < 0 or self.cpus_per_worker <= 0:
+            raise ConfigError("tokenize.ada_sid.num_workers must be >= 0 and tokenize.ada_sid.cpus_per_worker > 0")
+
+
+@dataclass(frozen=True)
 class TokenizeConfig:
     """The tokenize stage: item embeddings → semantic IDs (``sidforge tokenize``).
 
     Attributes:
         method: ``rqvae`` (trained on Ray Train), ``rqkmeans`` (residual k-means with faiss),
             ``bbq`` (BBQRec's behavior-bind quantization of the embed modalities, trained on Ray Train
-            with the SASRec behavior embeddings) or ``precomputed`` (an external item → SID table, e.g.
+            with the SASRec behavior embeddings), ``ada-sid`` (ADA-SID's mixture of quantization over
+            the embed modalities and e_b: variable-length weighted IDs) or ``precomputed`` (an external item → SID table, e.g.
             LETTER's Beauty IDs).
         name: output folder ``RUN/tokenize-<name>`` (default: the method), so several tokenizers of
             one run sit side by side.
@@ -460,9 +598,10 @@ class TokenizeConfig:
         seed: ``None`` uses the top-level ``seed``.
         rqvae: RQ-VAE training settings.
         bbq: BBQ tokenizer settings.
+        ada_sid: ADA-SID tokenizer settings.
     """
 
-    method: Literal["rqvae", "rqkmeans", "bbq", "precomputed"] = "rqvae"
+    method: Literal["rqvae", "rqkmeans", "bbq", "ada-sid", "precomputed"] = "rqvae"
     name: str = ""
     source: Literal["embed", "align", "sasrec"] = "embed"
     modalities: list[str] = field(default_factory=list)
@@ -476,6 +615,7 @@ class TokenizeConfig:
     seed: Union[int, None] = None
     rqvae: RQVAETrainConfig = field(default_factory=RQVAETrainConfig)
     bbq: BBQTrainConfig = field(default_factory=BBQTrainConfig)
+    ada_sid: AdaSIDTrainConfig = field(default_factory=AdaSIDTrainConfig)
 
     def __post_init__(self) -> None:
         if self.levels < 1 or self.codebook_size < 2:
@@ -491,6 +631,18 @@ class TokenizeConfig:
             raise ConfigError("tokenize.method=bbq quantizes the embed modalities (text, image) and reads the "
                               f"behavior embeddings itself (tokenize.bbq.behavior); set tokenize.source=embed, "
                               f"not {self.source!r}")
+        if self.method == "ada-sid":
+            if self.source != "embed":
+                raise ConfigError("tokenize.method=ada-sid quantizes the embed modalities and reads the behavior "
+                                  "embeddings itself (tokenize.ada_sid.behavior); set tokenize.source=embed, not "
+                                  f"{self.source!r}")
+            if self.collision != "digit":
+                raise ConfigError("tokenize.method=ada-sid gives variable-length IDs, which have no common last "
+                                  "level to reassign within; set tokenize.collision=digit")
+            n = len(self.ada_sid.specific_experts)
+            if self.modalities and n not in (1, len(self.modalities)):
+                raise ConfigError(f"tokenize.ada_sid.specific_experts lists {n} counts for {len(self.modalities)} "
+                                  f"modalities {self.modalities}; give one per modality or a single one")
 
     @property
     def output_name(self) -> str:
@@ -642,6 +794,11 @@ class RankerTrainConfig:
         mba_skip: z_align = z + v_align (the paper's skip); false uses v_align alone.
         mba_dim: width of each level's MBA codebook.
         mba_hidden: hidden width of the fusion MLP.
+        sid_features: an extra item feature from the SIDs (``--sids``): per-level SID embedding tables,
+            the rows of an item's codes summed with the code weights of ``sids.parquet`` (ADA-SID's router
+            weights; 1.0 when the tokenizer has no router), appended to the behavior face. Works with
+            variable-length IDs and with ``content=none`` (ADA-SID's ranking protocol).
+        sid_dim: width of the SID feature tables.
         attention: ``bidirectional`` (four target-attention blocks, the cross-space pair included) or
             ``one_way`` (behavior target over the behavior sequence, multimodal over multimodal).
         id_dim: item-ID embedding size (also the width both spaces are projected to).
@@ -665,6 +822,8 @@ class RankerTrainConfig:
     mba_skip: bool = True
     mba_dim: int = 64
     mba_hidden: int = 128
+    sid_features: bool = False
+    sid_dim: int = 64
     attention: Literal["bidirectional", "one_way"] = "bidirectional"
     id_dim: int = 64
     attn_hidden: int = 64
@@ -685,7 +844,7 @@ class RankerTrainConfig:
     seed: Union[int, None] = None
 
     def __post_init__(self) -> None:
-        for name in ("mba_dim", "mba_hidden", "id_dim", "attn_hidden", "max_len", "neg_ratio", "batch_size",
+        for name in ("mba_dim", "mba_hidden", "sid_dim", "id_dim", "attn_hidden", "max_len", "neg_ratio", "batch_size",
                      "epochs", "patience"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"ranker.{name} must be >= 1, got {getattr(self, name)}")

@@ -10,6 +10,11 @@ Writes ``RUN/ranker[-<name>]/``:
 - ``metrics.json``: best epoch, per-epoch history, and valid / test AUC, GAUC and LogLoss, overall and
   per popularity bucket of the candidate item (head / torso / tail / cold).
 
+With ``ranker.sid_features`` the tokenizer's ``codes`` (any length, variable-length IDs included) and
+their ``weights`` (1.0 when the table has none) also become an item feature (see
+:mod:`sidforge.models.ranker`); the metrics then carry ``sid_avg_length``, the mean number of codes with a
+non-zero weight per item (a sweep's ID-length axis).
+
 Samples (our choices where the paper, an industrial log, has real impressions): every observed next
 item of a user's ``train`` sequence is a positive, with the most recent ``max_len`` items before it as
 history; ``neg_ratio`` negatives per positive are drawn from the items seen in training (uniform, or
@@ -78,17 +83,21 @@ def run(cfg: Config, run_dir: RunDir, sids: str | Path | None = None, force: boo
     sids = Path(sids).expanduser().resolve() if sids is not None else None
     if r.mba and sids is None:
         raise DataError("ranker.mba needs semantic IDs: pass --sids RUN/tokenize-<name> (or set ranker.mba=false)")
+    if r.sid_features and sids is None:
+        raise DataError("ranker.sid_features needs semantic IDs: pass --sids RUN/tokenize-<name> (or set "
+                        "ranker.sid_features=false)")
     config_hash = stage_config_hash(cfg)
     inputs = _input_fingerprints(r, run_dir, sids)
     if not force and (cached := run_dir.cached(stage, config_hash, inputs)) is not None:
         return cached
-    data = load_data(run_dir, r, sids if r.mba else None)
+    data = load_data(run_dir, r, sids if r.mba else None, feature_sids=sids if r.sid_features else None)
     train_run = _run_settings(cfg, run_dir, stage, config_hash, inputs)
     config = loop_config(cfg, data)
     result = fit(train_ranker, config, ScalingSettings(r.num_workers, cpus_per_worker=r.cpus_per_worker),
                  train_run, fresh=force)
+    extra = {} if data.sid_weights is None else {"sid_avg_length": float((data.sid_weights > 0).sum(1).mean())}
     with run_dir.writing(stage) as out:
-        metrics = _write_outputs(out, result, config["model"], sids, run_dir)
+        metrics = _write_outputs(out, result, config["model"], sids, run_dir, extra)
     remove_run(train_run)
     rows = {"items": data.num_items, "train_positives": len(data.train_target),
             "valid_impressions": len(data.valid.labels), "test_impressions": len(data.test.labels)}
@@ -104,6 +113,9 @@ _OPERATIONAL = ("cpus_per_worker", "max_failures", "name")  # how a run executes
 def stage_config_hash(cfg: Config) -> str:
     """Hash of what the outputs depend on: the ``ranker`` section (minus operational keys) and the seed."""
     section = {k: v for k, v in dataclasses.asdict(cfg.ranker).items() if k not in _OPERATIONAL}
+    if not cfg.ranker.sid_features:  # runs from before the option keep their hash
+        section.pop("sid_features")
+        section.pop("sid_dim")
     payload = json.dumps({"ranker": section, "seed": cfg.seed}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -125,7 +137,7 @@ def _input_fingerprints(r: RankerTrainConfig, run_dir: RunDir, sids: Path | None
             raise DataError(f"{path} not found; run `{hint}` first (ranker.content={r.content})")
         files.append(path)
     out = fingerprint_files(files, root=run_dir.path)
-    if r.mba:
+    if r.mba or r.sid_features:
         assert sids is not None
         if not (sids / "sids.parquet").is_file():
             raise DataError(f"{sids / 'sids.parquet'} not found; run `sidforge tokenize` first or point --sids "
@@ -177,6 +189,8 @@ class RankerData:
         stats: (num_items, 1) log-scaled train frequency; content: (num_items, C) or None;
         codes: (num_items, L) SID codes or None; codebook_sizes: K per level.
         bucket: (num_items,) popularity bucket.
+        sid_codes, sid_weights, sid_sizes: the SID features (``ranker.sid_features``): (num_items, L')
+            codes, -1 where an ID is shorter, their weights, and the table size per level.
     """
 
     num_items: int
@@ -191,6 +205,9 @@ class RankerData:
     codes: np.ndarray | None
     codebook_sizes: tuple[int, ...]
     bucket: np.ndarray
+    sid_codes: np.ndarray | None = None
+    sid_weights: np.ndarray | None = None
+    sid_sizes: tuple[int, ...] = ()
 
 
 def previous_items(user: np.ndarray, item: np.ndarray, length: int, pad: int) -> np.ndarray:
@@ -237,8 +254,10 @@ def _impressions(user: np.ndarray, hist: np.ndarray, target: np.ndarray, ratio: 
     return Impressions(user=user[cases], case=cases, hist=hist, item=items.reshape(-1), labels=labels.reshape(-1))
 
 
-def load_data(run_dir: RunDir, r: RankerTrainConfig, sids: Path | None) -> RankerData:
-    """Samples and item tables from the run directory (see the module doc)."""
+def load_data(run_dir: RunDir, r: RankerTrainConfig, sids: Path | None,
+              feature_sids: Path | None = None) -> RankerData:
+    """Samples and item tables from the run directory (see the module doc); ``sids`` feed MBA,
+    ``feature_sids`` the SID features."""
     prep = run_dir.stage_dir("prepare")
     stats = pq.read_table(prep / "item_stats.parquet", columns=["item_id", "train_count", "bucket"]).to_pandas()
     stats = stats.sort_values("item_id")
@@ -270,11 +289,14 @@ def load_data(run_dir: RunDir, r: RankerTrainConfig, sids: Path | None) -> Ranke
     valid, test = (_impressions(*cases[n], r.neg_ratio, counts, r, seeds[n]) for n in ("valid", "test"))
     content = _load_content(run_dir, r, num_items) if r.content != "none" else None
     codes, sizes = _load_codes(sids, num_items) if sids is not None else (None, ())
+    sid_codes, sid_weights, sid_sizes = (load_sid_features(feature_sids, num_items) if feature_sids is not None
+                                         else (None, None, ()))
     log_counts = np.log1p(counts.astype(np.float32))
     return RankerData(num_items=num_items, train_hist=t_hist[has_hist], train_target=t_item[has_hist], pool=pool,
                       pool_p=sampling_probs(counts[pool], r.sampler, r.pop_power), valid=valid, test=test,
                       stats=(log_counts / max(float(log_counts.max()), 1.0))[:, None], content=content, codes=codes,
-                      codebook_sizes=sizes, bucket=stats["bucket"].to_numpy().astype(str))
+                      codebook_sizes=sizes, bucket=stats["bucket"].to_numpy().astype(str), sid_codes=sid_codes,
+                      sid_weights=sid_weights, sid_sizes=sid_sizes)
 
 
 def _load_content(run_dir: RunDir, r: RankerTrainConfig, num_items: int) -> np.ndarray:
@@ -317,6 +339,41 @@ def _load_codes(sids: Path, num_items: int) -> tuple[np.ndarray, tuple[int, ...]
     return codes, tuple(sizes)
 
 
+def load_sid_features(sids: Path, num_items: int) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
+    """``(codes (N, L') -1-padded, weights (N, L'), table size per level)`` from ``sids.parquet``.
+
+    The codes are the tokenizer's ``codes`` (no collision digit), of any length; weights come from its
+    ``weights`` column, 1.0 when there is none (tokenizers without a router, older tables).
+    """
+    path = sids / "sids.parquet"
+    names = pq.read_schema(path).names
+    table = pq.read_table(path, columns=["item_id", "codes", *(["weights"] if "weights" in names else [])])
+    item_id = table.column("item_id").to_numpy()
+    if len(item_id) != num_items or not np.array_equal(np.sort(item_id), np.arange(num_items)):
+        raise DataError(f"{path} must give exactly one ID to each of the {num_items} items of prepare; re-run "
+                        "`sidforge tokenize` on this run")
+    lists = table.column("codes").to_pylist()
+    weights = table.column("weights").to_pylist() if "weights" in names else [[1.0] * len(c) for c in lists]
+    width = max(len(c) for c in lists)
+    if width == 0:
+        raise DataError(f"{path}: every ID is empty; SID features need codes")
+    codes = np.full((num_items, width), -1, dtype=np.int64)
+    w = np.zeros((num_items, width), dtype=np.float32)
+    for i, c, cw in zip(item_id, lists, weights):
+        if len(cw) != len(c):
+            raise DataError(f"{path}: item {i} has {len(c)} codes but {len(cw)} weights")
+        codes[i, : len(c)], w[i, : len(c)] = c, cw
+    if (codes[codes != -1] < 0).any() or not np.isfinite(w).all() or (w < 0).any():
+        raise DataError(f"{path}: codes must be >= 0 and weights finite and >= 0")
+    sizes = [int(codes[:, level].max()) + 1 for level in range(width)]
+    meta = sids / "tokenizer.json"
+    if meta.is_file():  # new items may use codes no current item has
+        info = json.loads(meta.read_text())
+        for level in range(min(int(info.get("levels", 0)), width)):
+            sizes[level] = max(sizes[level], int(info.get("codebook_size", 0)))
+    return codes, w, tuple(sizes)
+
+
 # ----------------------------------------------------------------------------------------------
 # the per-worker training loop
 
@@ -328,7 +385,8 @@ def loop_config(cfg: Config, data: RankerData) -> dict[str, Any]:
                          content_dim=0 if data.content is None else data.content.shape[1],
                          codebook_sizes=data.codebook_sizes, mba_dim=r.mba_dim, mba_hidden=r.mba_hidden,
                          mba_skip=r.mba_skip, bidirectional=r.attention == "bidirectional",
-                         attn_hidden=r.attn_hidden, mlp=tuple(r.mlp), dropout=r.dropout)
+                         attn_hidden=r.attn_hidden, mlp=tuple(r.mlp), dropout=r.dropout, sid_sizes=data.sid_sizes,
+                         sid_dim=r.sid_dim)
     return {"model": dataclasses.asdict(model), "lr": r.lr, "weight_decay": r.weight_decay,
             "batch_size": r.batch_size, "neg_ratio": r.neg_ratio, "epochs": r.epochs,
             "seed": cfg.seed if r.seed is None else r.seed, "data": data}
@@ -338,10 +396,13 @@ def build_model(model_config: dict[str, Any], data: RankerData) -> SaviorRanker:
     """The ranker with its frozen item tables filled from ``data``."""
     fields = dict(model_config)
     fields["codebook_sizes"], fields["mlp"] = tuple(fields["codebook_sizes"]), tuple(fields["mlp"])
+    fields["sid_sizes"] = tuple(fields.get("sid_sizes", ()))
     model = SaviorRanker(RankerConfig(**fields))
     model.set_item_tables(torch.as_tensor(data.stats),
                           None if data.content is None else torch.as_tensor(data.content),
-                          None if data.codes is None else torch.as_tensor(data.codes))
+                          None if data.codes is None else torch.as_tensor(data.codes),
+                          None if data.sid_codes is None else torch.as_tensor(data.sid_codes),
+                          None if data.sid_weights is None else torch.as_tensor(data.sid_weights))
     return model
 
 
@@ -434,7 +495,7 @@ def evaluate(ctx: WorkerContext, model: SaviorRanker, imp: Impressions, bucket: 
 
 
 def _write_outputs(out: Path, result: FitResult, model_config: dict[str, Any], sids: Path | None,
-                   run_dir: RunDir) -> dict[str, Any]:
+                   run_dir: RunDir, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Model of the best epoch and the metrics; returns the manifest metrics."""
     if result.best_checkpoint is None:
         raise RuntimeError(f"ranker: the best checkpoint (epoch {result.best_epoch}) is missing under {result.path}")
@@ -448,6 +509,6 @@ def _write_outputs(out: Path, result: FitResult, model_config: dict[str, Any], s
     mba = {k: float(v.abs().mean()) for k, v in state.items() if k.startswith("mba.codebooks.")}
     metrics = {"best_epoch": result.best_epoch, "epochs_run": len(result.history),
                "stopped_early": result.stopped_early, "valid": result.value["valid"], "test": result.value["test"],
-               "mba_codebook_mean_abs": mba}
+               "mba_codebook_mean_abs": mba, **(extra or {})}
     (out / "metrics.json").write_text(json.dumps({**metrics, "history": result.history}, indent=2))
     return metrics

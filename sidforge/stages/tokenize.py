@@ -6,8 +6,9 @@ Reads the item embeddings (``RUN/embed/item_embeddings.parquet``, the modalities
 
 - ``sids.parquet``: item_id, ``codes`` (list<int32>, L codes after collision handling), ``digit``
   (the disambiguation digit, 0 when the codes alone are unique), ``sid`` (the unique ID downstream
-  models use: ``codes + [digit]`` with ``collision=digit``, ``codes`` with ``reassign``) and
-  ``version`` (tokenizer name and config hash);
+  models use: ``codes + [digit]`` with ``collision=digit``, ``codes`` with ``reassign``), ``version``
+  (tokenizer name and config hash) and ``weights`` (list<float32>, one per code: ADA-SID's code weights,
+  1.0 for every other tokenizer; an older table without the column means 1.0);
 - ``tokenizer.json`` + ``tokenizer.safetensors``: what :func:`load_tokenizer` needs to assign IDs to
   new items (no pickle);
 - ``quality.json`` and ``code_usage.png``: the quality report (see
@@ -25,6 +26,17 @@ Methods (``tokenize.method``), resolved once through :data:`FITTERS`:
   decodes from the codes alone, specific parts at their catalogue mean, comparable with the other
   tokenizers), ``behavior_coherence`` per level (see :func:`sidforge.models.semantic_ids.behavior_coherence`)
   and the first/last epoch's contrastive loss and CLUB estimate;
+- ``ada-sid``: ADA-SID's mixture of quantization (:mod:`sidforge.models.ada_sid`) over the embed modalities
+  and the SASRec e_b (``tokenize.ada_sid.behavior``), on the same runner. Its IDs have **variable length**:
+  shared codes, modality-specific codes and the behavioral codes the router did not drop, in expert order.
+  A code is stored as ``expert * K + code`` (so a token names its expert wherever it stands; the expert
+  names are in ``tokenizer.json``), the collision digit follows the last kept code. N_norm comes from the
+  e_b norm (or the log train count, ``tokenize.ada_sid.richness``), min-max normalised over the items
+  seen in training; items never seen in training (cold) count as having no behavior. The report adds
+  ``recon_rel_behavior``, ``avg_code_length``/``avg_sid_length``, the share of dropped behavioral IDs, the
+  alignment strength w and the behavioral codes per item by popularity bucket, each behavioral expert's
+  load, and ``valid/recon_rel`` on the held-out items. ``assign`` of a new item uses content only
+  (behavioral codes dropped; see the model's doc), or content and e_b when given;
 - ``precomputed``: an external item → codes table (LETTER's published Beauty IDs); it cannot assign
   IDs to new items.
 """
@@ -47,9 +59,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from sidforge.models.ada_sid import ADASID, ADASIDConfig
 from sidforge.models.bbq import BBQ, BBQConfig
 from sidforge.models.quantizers import RQVAE, ResidualQuantizer, RQVAEConfig, residual_kmeans
-from sidforge.models.semantic_ids import Resolved, behavior_coherence, quality, resolve_collisions
+from sidforge.models.semantic_ids import (
+    Resolved,
+    behavior_coherence,
+    quality,
+    resolve_collisions,
+    variable_length,
+)
 from sidforge.platform.artifacts import (
     RunDir,
     StageResult,
@@ -69,7 +88,7 @@ from sidforge.platform.training import (
 log = logging.getLogger(__name__)
 
 SIDS = pa.schema([("item_id", pa.int64()), ("codes", pa.list_(pa.int32())), ("digit", pa.int32()),
-                  ("sid", pa.list_(pa.int32())), ("version", pa.string())])
+                  ("sid", pa.list_(pa.int32())), ("version", pa.string()), ("weights", pa.list_(pa.float32()))])
 TOKENIZER_FORMAT = 1
 
 
@@ -82,11 +101,13 @@ class Tokenizer:
     """A fitted tokenizer: assigns codes to embeddings and reconstructs embeddings from codes.
 
     Attributes:
-        method: ``rqkmeans``, ``rqvae``, ``bbq`` or ``precomputed``.
-        input_dim: width of the embeddings it takes (0 for precomputed; bbq: the modalities concatenated).
-        levels, codebook_size: L and K.
+        method: ``rqkmeans``, ``rqvae``, ``bbq``, ``ada-sid`` or ``precomputed``.
+        input_dim: width of the embeddings it takes (0 for precomputed; bbq, ada-sid: the modalities
+            concatenated).
+        levels, codebook_size: L and K (ada-sid: L = the number of experts, the longest ID).
         codebooks: rqkmeans: (L, K, D) float32.
-        model: rqvae: the trained :class:`RQVAE`; bbq: the trained :class:`BBQ` (eval mode).
+        model: rqvae: the trained :class:`RQVAE`; bbq: the trained :class:`BBQ`; ada-sid: the trained
+            :class:`ADASID` (eval mode).
     """
 
     method: str
@@ -94,34 +115,76 @@ class Tokenizer:
     levels: int
     codebook_size: int
     codebooks: np.ndarray | None = None
-    model: RQVAE | BBQ | None = None
+    model: RQVAE | BBQ | ADASID | None = None
 
-    def assign(self, embeddings: np.ndarray) -> np.ndarray:
+    def assign(self, embeddings: np.ndarray, behavior: np.ndarray | None = None,
+               richness: np.ndarray | None = None) -> np.ndarray:
         """Codes of new items, deterministically: (N, input_dim) float → (N, L) int64.
+
+        Args:
+            embeddings: (N, input_dim) content embeddings.
+            behavior: ada-sid only: (N, H) e_b of items that have one; None drops the behavioral codes.
+            richness: ada-sid only: (N,) N_norm in [0, 1]; default: from the e_b norm with the fitted
+                range (``richness=norm`` tokenizers only).
+
+        Returns:
+            (N, L) codes; ada-sid: -1 where a code is dropped (see :meth:`assign_weighted`).
 
         Raises:
             ValueError: the tokenizer cannot assign (precomputed), the embeddings have the wrong shape,
-                or contain NaN/inf.
+                or contain NaN/inf; behavior given to a tokenizer that does not use it.
         """
-        x = self._check(embeddings)
-        if self.codebooks is not None:
-            return _residual_codes(x, self.codebooks)
-        assert self.model is not None
-        with torch.no_grad():
-            return self.model.encode(torch.from_numpy(x)).numpy().astype(np.int64)
+        return self.assign_weighted(embeddings, behavior, richness)[0]
 
-    def reconstruct(self, codes: np.ndarray) -> np.ndarray:
-        """Embeddings decoded from codes: (N, L) → (N, input_dim)."""
+    def assign_weighted(self, embeddings: np.ndarray, behavior: np.ndarray | None = None,
+                        richness: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`assign` plus each code's weight: ``((N, L) int64, (N, L) float32)``; 1.0 without a router."""
+        x = self._check(embeddings)
+        if self.method != "ada-sid":
+            if behavior is not None or richness is not None:
+                raise ValueError(f"a {self.method} tokenizer assigns IDs from content only; drop behavior/richness")
+            if self.codebooks is not None:
+                codes = _residual_codes(x, self.codebooks)
+            else:
+                assert self.model is not None
+                with torch.no_grad():
+                    codes = self.model.encode(torch.from_numpy(x)).numpy().astype(np.int64)
+            return codes, np.ones(codes.shape, dtype=np.float32)
+        assert isinstance(self.model, ADASID)
+        b = r = None
+        if behavior is not None:
+            b = np.asarray(behavior, dtype=np.float32)
+            if b.shape != (len(x), self.model.config.behavior_dim) or not np.isfinite(b).all():
+                raise ValueError(f"behavior must be finite with shape ({len(x)}, {self.model.config.behavior_dim})")
+            if richness is None:
+                if self.model.config.richness_source != "norm":
+                    raise ValueError("this tokenizer's N_norm comes from train counts; pass richness (N_norm in [0, 1])")
+                low, high = self.model.config.richness_range
+                richness = np.clip((np.linalg.norm(b, axis=1) - low) / max(high - low, 1e-12), 0.0, 1.0)
+            r = torch.as_tensor(np.asarray(richness, dtype=np.float32))
+            b = torch.from_numpy(b)
+        with torch.no_grad():
+            codes, weights = self.model.encode(torch.from_numpy(x), b, r)
+        return codes.numpy().astype(np.int64), weights.numpy().astype(np.float32)
+
+    def reconstruct(self, codes: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+        """Embeddings decoded from codes: (N, L) → (N, input_dim) (ada-sid: with the code weights,
+        default 1 for every kept code)."""
         codes = np.asarray(codes, dtype=np.int64)
         if self.codebooks is not None:
             return self.codebooks[np.arange(self.levels), codes].sum(axis=1)
         if self.model is None:
             raise ValueError("a precomputed tokenizer has no codebooks to reconstruct from")
+        if isinstance(self.model, ADASID):
+            w = (codes >= 0).astype(np.float32) if weights is None else np.asarray(weights, dtype=np.float32)
+            return self.model.decode_codes(torch.from_numpy(codes), torch.from_numpy(w))[0].numpy()
         return self.model.reconstruct(torch.from_numpy(codes)).numpy()
 
     def last_distances(self, embeddings: np.ndarray, codes: np.ndarray) -> np.ndarray:
         """(N, K) squared distance of each item's last-level residual to every last-level code."""
         x = self._check(embeddings)
+        if isinstance(self.model, ADASID):
+            raise ValueError("ada-sid IDs have no common last level (variable length); use tokenize.collision=digit")
         if self.codebooks is not None:
             books, z = self.codebooks, x
         elif self.model is not None:
@@ -182,7 +245,8 @@ def load_tokenizer(folder: str | Path) -> Tokenizer:
     if meta["method"] == "rqkmeans":
         tok.codebooks = tensors["codebooks"].numpy()
     else:
-        model = _rqvae(meta["rqvae"]) if meta["method"] == "rqvae" else _bbq(meta["bbq"])
+        builders = {"rqvae": _rqvae, "bbq": _bbq, "ada-sid": _ada_sid}
+        model = builders[meta["method"]](meta[meta["method"]])
         model.load_state_dict(tensors)
         tok.model = model.eval()
     return tok
@@ -195,6 +259,11 @@ def _rqvae(fields: dict[str, Any]) -> RQVAE:
 def _bbq(fields: dict[str, Any]) -> BBQ:
     return BBQ(BBQConfig(**{**fields, "hidden": tuple(fields["hidden"]),
                             "modality_dims": tuple(fields["modality_dims"])}))
+
+
+def _ada_sid(fields: dict[str, Any]) -> ADASID:
+    tuples = ("modality_dims", "specific_experts", "hidden", "lambda_range", "richness_range")
+    return ADASID(ADASIDConfig(**{**fields, **{k: tuple(fields[k]) for k in tuples}}))
 
 
 def _residual_codes(x: np.ndarray, codebooks: np.ndarray) -> np.ndarray:
@@ -228,13 +297,16 @@ def run(cfg: Config, run_dir: RunDir, data_dir: Path | None = None, force: bool 
     fitted = FITTERS[tcfg.method](cfg, run_dir, data_dir, seed, run_name(stage, config_hash, inputs_hash), force)
     resolved = resolve_collisions(tcfg.collision, fitted.codes, fitted.last_distances)
     report = quality(fitted.codes, fitted.codebook_size, fitted.x, fitted.x_hat)
+    code_len = (fitted.codes >= 0).sum(axis=1)
     report.update({"method": tcfg.method, "collision": tcfg.collision, "reassigned": resolved.reassigned,
-                   "unique_after": _unique_share(resolved.sids()), "sid_length": int(resolved.sids().shape[1]), **fitted.extra})
+                   "unique_after": _unique_share(resolved.sids()), "sid_length": int(resolved.sids().shape[1]),
+                   "avg_code_length": float(code_len.mean()),
+                   "avg_sid_length": float(code_len.mean()) + float(resolved.with_digit), **fitted.extra})
     version = f"{stage}:{config_hash}"
     with run_dir.writing(stage) as out:
-        _write_sids(out / "sids.parquet", fitted.item_id, resolved, version)
+        _write_sids(out / "sids.parquet", fitted.item_id, resolved, version, fitted.weights, fitted.code_offsets)
         fitted.tokenizer.save(out, {"version": version, "collision": tcfg.collision, "source": tcfg.source,
-                                    "modalities": fitted.modalities})
+                                    "modalities": fitted.modalities, **fitted.meta})
         (out / "quality.json").write_text(json.dumps(report, indent=2))
         plot_code_usage(fitted.codes, fitted.codebook_size, out / "code_usage.png", title=stage)
     rows = {"items": len(fitted.item_id), "levels": int(fitted.codes.shape[1])}
@@ -247,10 +319,10 @@ def run(cfg: Config, run_dir: RunDir, data_dir: Path | None = None, force: bool 
 def stage_config_hash(cfg: Config) -> str:
     """Hash of what the IDs depend on: the ``tokenize`` section (minus operational keys) and the seed."""
     section = dataclasses.asdict(cfg.tokenize)
-    for trainer in ("rqvae", "bbq"):
+    for trainer in ("rqvae", "bbq", "ada_sid"):
         for key in ("num_workers", "cpus_per_worker", "max_failures"):
             section[trainer].pop(key)
-        if cfg.tokenize.method != trainer:
+        if cfg.tokenize.method.replace("-", "_") != trainer:
             section.pop(trainer)
     payload = json.dumps({"tokenize": section, "seed": cfg.seed}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
@@ -283,17 +355,27 @@ def _input_fingerprints(tcfg: TokenizeConfig, run_dir: RunDir, data_dir: Path | 
         hint = {"embed": "sidforge embed", "align": "sidforge train align"}.get(tcfg.source, "sidforge train sasrec")
         raise DataError(f"{src} not found; run `{hint}` first (tokenize.source={tcfg.source})")
     files = [src]
-    if tcfg.method == "bbq":
+    if tcfg.method in ("bbq", "ada-sid"):
         behavior = _behavior_path(tcfg, run_dir)
+        key = "bbq" if tcfg.method == "bbq" else "ada_sid"
         if not behavior.is_file():
-            raise DataError(f"{behavior} not found: the BBQ tokenizer binds the IDs to the behavior embeddings "
-                            f"e_b; run `sidforge train sasrec` first (tokenize.bbq.behavior={tcfg.bbq.behavior})")
+            raise DataError(f"{behavior} not found: the {tcfg.method} tokenizer uses the behavior embeddings e_b; "
+                            f"run `sidforge train sasrec` first (tokenize.{key}.behavior={_behavior_stage(tcfg)})")
         files.append(behavior)
+    if tcfg.method == "ada-sid":  # who has behavior (train counts), and the richness proxy log_count
+        stats = run_dir.stage_dir("prepare") / "item_stats.parquet"
+        if not stats.is_file():
+            raise DataError(f"{stats} not found; run `sidforge prepare` first")
+        files.append(stats)
     return fingerprint_files(files, root=run_dir.path)
 
 
+def _behavior_stage(tcfg: TokenizeConfig) -> str:
+    return tcfg.ada_sid.behavior if tcfg.method == "ada-sid" else tcfg.bbq.behavior
+
+
 def _behavior_path(tcfg: TokenizeConfig, run_dir: RunDir) -> Path:
-    return run_dir.stage_dir(tcfg.bbq.behavior) / "item_embeddings.parquet"
+    return run_dir.stage_dir(_behavior_stage(tcfg)) / "item_embeddings.parquet"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -338,6 +420,9 @@ class Fitted:
     x_hat: np.ndarray | None = None
     last_distances: np.ndarray | None = None
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    weights: np.ndarray | None = None  # (N, L) code weights (None: 1.0); codes may then hold -1 (dropped)
+    code_offsets: np.ndarray | None = None  # (L,) added to each column's codes in the ID table
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)  # extra tokenizer.json entries
 
 
 def _check_catalogue(n: int, tcfg: TokenizeConfig) -> None:
@@ -501,6 +586,165 @@ def fit_bbq(cfg: Config, run_dir: RunDir, data_dir: Path | None, seed: int, trai
                   tok.last_distances(x, codes), extra)
 
 
+def fit_ada_sid(cfg: Config, run_dir: RunDir, data_dir: Path | None, seed: int, train_name: str,
+                force: bool) -> Fitted:
+    """ADA-SID over the embed modalities and e_b, trained with the shared Ray Train runner."""
+    tcfg, acfg = cfg.tokenize, cfg.tokenize.ada_sid
+    item_id, x, modalities = load_matrix(tcfg, run_dir)
+    if len(x) < acfg.codebook_size:
+        raise DataError(f"{len(x)} items cannot fill tokenize.ada_sid.codebook_size={acfg.codebook_size} codes; "
+                        "lower it")
+    behavior = load_behavior(tcfg, run_dir, item_id)
+    counts, bucket = _item_stats(run_dir, item_id)
+    has_behavior = counts > 0
+    richness, low, high = ada_sid_richness(acfg.richness, behavior, counts)
+    rms = float(np.sqrt((behavior[has_behavior] ** 2).sum(axis=1).mean()))
+    model_cfg = _ada_sid_model_config(tcfg, _modality_dims(tcfg, run_dir, modalities), behavior.shape[1], low, high,
+                                      1.0 / max(rms, 1e-12))
+    order = np.random.default_rng(seed).permutation(len(x))
+    n_valid = int(round(acfg.valid_fraction * len(x)))
+    train_rows, valid_rows = np.sort(order[n_valid:]), np.sort(order[:n_valid])
+    if len(train_rows) < acfg.codebook_size:
+        raise DataError(f"{len(train_rows)} training items cannot fill tokenize.ada_sid.codebook_size="
+                        f"{acfg.codebook_size}; lower it or tokenize.ada_sid.valid_fraction")
+    train_run = RunSettings(name=train_name, storage_path=run_dir.path / "_train", max_failures=acfg.max_failures,
+                            checkpoints_to_keep=2)
+    loop = {"model": dataclasses.asdict(model_cfg), "lr": acfg.lr, "weight_decay": acfg.weight_decay,
+            "batch_size": acfg.batch_size, "epochs": acfg.epochs, "kmeans_init": acfg.kmeans_init,
+            "kmeans_iters": tcfg.kmeans_iters, "dead_code_min_usage": acfg.dead_code_min_usage, "seed": seed,
+            "x": x, "behavior": behavior, "richness": richness, "has_behavior": has_behavior.astype(np.float32),
+            "train_rows": train_rows, "valid_rows": valid_rows}
+    result = fit(train_ada_sid, loop, ScalingSettings(acfg.num_workers, cpus_per_worker=acfg.cpus_per_worker),
+                 train_run, fresh=force)
+    if not result.value["replicas_agree"]:
+        raise RuntimeError("ada-sid: the workers' model replicas diverged (codebooks must be re-initialised "
+                           "identically on every rank)")
+    model = ADASID(model_cfg)
+    model.load_state_dict({k: torch.tensor(v) for k, v in result.value["state"].items()})  # Ray: read-only arrays
+    model.eval()
+    remove_run(train_run)
+    tok = Tokenizer("ada-sid", x.shape[1], model_cfg.num_experts, acfg.codebook_size, model=model)
+    with torch.no_grad():
+        c, w = model.encode(torch.from_numpy(x), torch.from_numpy(behavior), torch.from_numpy(richness),
+                            torch.from_numpy(has_behavior.astype(np.float32)))
+        x_hat, b_hat = model.decode_codes(c, w)
+    codes, weights = c.numpy().astype(np.int64), w.numpy()
+    names = _expert_names(model_cfg, modalities)
+    extra = _ada_sid_report(model, codes, weights, behavior, b_hat.numpy(), richness, counts, bucket, names)
+    hist = result.history
+    extra.update({"epochs": len(hist), "final_loss": hist[-1].get("loss") if hist else None,
+                  "dead_codes_reset": int(sum(r.get("dead_reset", 0) for r in hist)), "workers": acfg.num_workers,
+                  "valid": {"recon_rel": hist[-1]["valid/recon_rel"]} if hist and "valid/recon_rel" in hist[-1] else {},
+                  "behavior_coherence": behavior_coherence(codes, behavior)})
+    for key in ("align", "dropped_share"):
+        if hist:
+            extra[f"{key}_first"], extra[f"{key}_last"] = hist[0].get(key), hist[-1].get(key)
+    offsets = np.arange(model_cfg.num_experts, dtype=np.int64) * acfg.codebook_size
+    meta = {"experts": names, "code_offsets": offsets.tolist()}
+    return Fitted(item_id, codes, acfg.codebook_size, tok, modalities, x, x_hat.numpy(), None, extra,
+                  weights=weights, code_offsets=offsets, meta=meta)
+
+
+def ada_sid_richness(source: str, behavior: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """N_norm of every item and the raw (low, high) it was normalised by.
+
+    The proxy is the e_b L2 norm (``norm``, the paper) or log(1 + train count) (``log_count``), min-max
+    normalised over the items seen in training; items never seen in training get 0.
+    """
+    raw = np.linalg.norm(behavior, axis=1) if source == "norm" else np.log1p(counts.astype(np.float64))
+    seen = counts > 0
+    if not seen.any():
+        raise DataError("no item has training interactions: ADA-SID needs behavior; check the prepare outputs")
+    low, high = float(raw[seen].min()), float(raw[seen].max())
+    richness = np.where(seen, np.clip((raw - low) / max(high - low, 1e-12), 0.0, 1.0), 0.0)
+    return richness.astype(np.float32), low, high
+
+
+def _ada_sid_model_config(tcfg: TokenizeConfig, dims: tuple[int, ...], behavior_dim: int, low: float,
+                          high: float, behavior_scale: float) -> ADASIDConfig:
+    a = tcfg.ada_sid
+    specific = tuple(a.specific_experts) * len(dims) if len(a.specific_experts) == 1 else tuple(a.specific_experts)
+    if len(specific) != len(dims):
+        raise DataError(f"tokenize.ada_sid.specific_experts lists {len(a.specific_experts)} counts for "
+                        f"{len(dims)} modalities; give one per modality or a single one")
+    return ADASIDConfig(
+        modality_dims=dims, behavior_dim=behavior_dim, codebook_size=a.codebook_size,
+        shared_experts=a.shared_experts, specific_experts=specific, behavior_experts=a.behavior_experts,
+        hidden=tuple(a.hidden), proj_dim=a.proj_dim, latent_dim=a.latent_dim, beta=a.beta,
+        adaptive_alignment=a.adaptive_alignment, align_alpha=a.align_alpha, align_beta=a.align_beta,
+        temperature=a.temperature, align_weight=a.align_weight, content_weight=a.content_weight, router=a.router,
+        router_hidden=a.router_hidden, router_leak=a.router_leak, sparsity=a.sparsity, sparsity_target=a.sparsity_target,
+        lambda_init=a.lambda_init, lambda_rate=a.lambda_rate, sparsity_bins=a.sparsity_bins,
+        balance_weight=a.balance_weight, behavior_recon_weight=a.behavior_recon_weight, dropout=a.dropout,
+        richness_source=a.richness, richness_range=(low, high), behavior_scale=behavior_scale)
+
+
+def _expert_names(c: ADASIDConfig, modalities: list[str]) -> list[str]:
+    seen: dict[str, int] = {}
+    names = []
+    for group, m in c.experts:
+        key = modalities[m] if group == "specific" else group
+        names.append(f"{key}{seen.get(key, 0)}")
+        seen[key] = seen.get(key, 0) + 1
+    return names
+
+
+def _item_stats(run_dir: RunDir, item_id: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Train count and popularity bucket of every item, in the order of ``item_id``."""
+    path = run_dir.stage_dir("prepare") / "item_stats.parquet"
+    table = pq.read_table(path, columns=["item_id", "train_count", "bucket"])
+    row = {int(i): r for r, i in enumerate(table.column("item_id").to_numpy())}
+    missing = [int(i) for i in item_id if int(i) not in row]
+    if missing:
+        raise DataError(f"{path}: no statistics for {len(missing)} items (e.g. {missing[:5]}); re-run prepare")
+    idx = np.asarray([row[int(i)] for i in item_id])
+    counts = table.column("train_count").to_numpy()[idx]
+    return counts.astype(np.int64), np.asarray(table.column("bucket").to_pylist(), dtype=object)[idx].astype(str)
+
+
+def _ada_sid_report(model: ADASID, codes: np.ndarray, weights: np.ndarray, behavior: np.ndarray,
+                    b_hat: np.ndarray, richness: np.ndarray, counts: np.ndarray, bucket: np.ndarray,
+                    names: list[str]) -> dict[str, Any]:
+    """ADA-SID's figures beyond the common quality report (see the module doc)."""
+    c = model.config
+    seen = counts > 0
+    beh = slice(c.num_experts - c.behavior_experts, c.num_experts)
+    kept = codes[:, beh] >= 0  # (N, N_b)
+    w = model.strength(torch.from_numpy(richness), torch.from_numpy(seen.astype(np.float32))).numpy()
+    err = ((behavior - b_hat) ** 2).sum(axis=1)
+    out: dict[str, Any] = {
+        "experts": names,
+        "recon_rel_behavior": float(err[seen].sum() / max(float((behavior[seen] ** 2).sum()), 1e-12)),
+        "richness_source": c.richness_source,
+        "richness_count_spearman": _spearman(richness[seen], counts[seen]),
+        "lambdas": [float(v) for v in model.lambdas],
+    }
+    if c.behavior_experts:
+        out["dropped_share"] = float(1.0 - kept[seen].mean())
+        out["target_share"] = float((c.sparsity_target * (1.0 - richness[seen])).mean())  # what it aimed at
+        out["expert_load"] = [float(v) for v in kept[seen].mean(axis=0)]  # share of items using each expert
+        out["behavior_weight_mean"] = [float(v) for v in weights[seen][:, beh].mean(axis=0)]
+    by_bucket: dict[str, dict[str, float]] = {}
+    for b in ("head", "torso", "tail", "cold"):
+        rows = bucket == b
+        if rows.any():
+            by_bucket[b] = {"items": int(rows.sum()), "alignment_w": float(w[rows].mean()),
+                            "richness": float(richness[rows].mean()), "codes": float((codes[rows] >= 0).sum(1).mean())}
+            if c.behavior_experts:
+                by_bucket[b]["dropped_share"] = float(1.0 - kept[rows].mean())
+    out["by_bucket"] = by_bucket
+    return out
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman rank correlation (average ranks for ties)."""
+    import pandas as pd
+
+    if len(a) < 2:
+        return float("nan")
+    return float(pd.Series(a).rank().corr(pd.Series(b).rank()))
+
+
 def _modality_dims(tcfg: TokenizeConfig, run_dir: RunDir, modalities: list[str]) -> tuple[int, ...]:
     """Width of each modality in the concatenated input, from the embeddings' schema."""
     schema = pq.read_schema(_source_path(tcfg, run_dir))
@@ -528,6 +772,7 @@ FITTERS: dict[str, Callable[..., Fitted]] = {
     "rqkmeans": fit_rqkmeans,
     "rqvae": fit_rqvae,
     "bbq": fit_bbq,
+    "ada-sid": fit_ada_sid,
     "precomputed": fit_precomputed,
 }
 
@@ -643,6 +888,89 @@ def _bbq_epoch(ctx: WorkerContext, step: torch.nn.Module, opt: torch.optim.Optim
 
 
 # ----------------------------------------------------------------------------------------------
+# ADA-SID per-worker loop
+
+
+def train_ada_sid(ctx: WorkerContext, config: dict[str, Any]) -> dict[str, Any]:
+    """Per-worker loop: k-means init of every expert, epochs over this rank's shard of the training items
+    (the sparsity coefficients adapt after every step), dead-code re-use and the held-out reconstruction
+    (``valid/recon_rel``) after each epoch."""
+    t = {k: torch.from_numpy(np.ascontiguousarray(config[k])) for k in ("x", "behavior", "richness", "has_behavior")}
+    train_rows = torch.from_numpy(config["train_rows"])
+    torch.manual_seed(config["seed"])
+    model = _ada_sid(config["model"])
+    state = ctx.load_checkpoint()
+    if state is not None:
+        model.load_state_dict(state["model"])
+    elif config["kmeans_init"]:
+        _ada_sid_codebooks(model, t, train_rows, config, init=True)  # the same on every rank
+    step = ctx.prepare_model(model, method="loss")
+    opt = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+    if state is not None:
+        opt.load_state_dict(state["opt"])
+    for epoch in ctx.epochs(config["epochs"]):
+        torch.manual_seed(config["seed"] + 7919 * epoch + ctx.rank)
+        metrics = _ada_sid_epoch(ctx, step, model, opt, t, train_rows, config, epoch)
+        model.eval()
+        if config["dead_code_min_usage"] > 0:
+            metrics["dead_reset"] = _ada_sid_codebooks(model, t, train_rows, config, seed=config["seed"] + epoch)
+        if len(config["valid_rows"]):
+            metrics["valid/recon_rel"] = _ada_sid_recon_rel(model, t, torch.from_numpy(config["valid_rows"]), ctx.device)
+        ctx.report(epoch, metrics, lambda: {"model": model.state_dict(), "opt": opt.state_dict()})
+    # numpy, not tensors: Ray Train cannot return tensors from distributed workers
+    return {"state": {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()},
+            "replicas_agree": ctx.replicas_agree(model)}
+
+
+def _ada_sid_epoch(ctx: WorkerContext, step: torch.nn.Module, model: ADASID, opt: torch.optim.Optimizer,
+                   t: dict[str, torch.Tensor], train_rows: torch.Tensor, config: dict[str, Any],
+                   epoch: int) -> dict[str, float]:
+    """One pass over this rank's shard; returns the mean of the loss and of each of its terms."""
+    step.train()
+    order = train_rows[torch.from_numpy(ctx.shard(len(train_rows), seed=config["seed"] + epoch))]
+    bs = config["batch_size"]
+    totals: dict[str, float] = {}
+    batches = [order[i : i + bs] for i in range(0, len(order), bs)]
+    for rows in batches:
+        out = step(*(t[k][rows].to(ctx.device) for k in ("x", "behavior", "richness", "has_behavior")))
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        opt.step()
+        model.adapt_lambdas(out.sparsity_gap)
+        for k, v in {"loss": out.loss.detach(), **out.metrics}.items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+    return {k: v / max(len(batches), 1) for k, v in totals.items()}
+
+
+def _ada_sid_codebooks(model: ADASID, t: dict[str, torch.Tensor], rows: torch.Tensor, config: dict[str, Any],
+                       init: bool = False, seed: int = 0) -> int:
+    """k-means initialisation (``init``) or dead-code re-use of every expert on the items it quantizes."""
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        z, usable = model.expert_latents(*(t[k][rows].to(device) for k in ("x", "behavior", "richness", "has_behavior")))
+    resets = 0
+    for e, rq in enumerate(model.codebooks):
+        ze = z[usable[:, e], e]
+        if len(ze) < rq.codebook_size:  # too few items with this input (e.g. an image few items have)
+            continue
+        if init:
+            _kmeans_init(rq, ze, config)
+        else:
+            g = torch.Generator().manual_seed(seed + 104_729 * e)
+            resets += int(rq.reset_dead_codes(ze, config["dead_code_min_usage"], g).sum())
+    return resets
+
+
+def _ada_sid_recon_rel(model: ADASID, t: dict[str, torch.Tensor], rows: torch.Tensor, device: torch.device) -> float:
+    """Relative content reconstruction error from the codes (and weights) of ``rows``."""
+    x = t["x"][rows].to(device)
+    codes, weights = model.encode(x, t["behavior"][rows].to(device), t["richness"][rows].to(device),
+                                  t["has_behavior"][rows].to(device))
+    x_hat, _ = model.decode_codes(codes, weights)
+    return float(((x - x_hat) ** 2).sum() / (x**2).sum().clamp(min=1e-12))
+
+
+# ----------------------------------------------------------------------------------------------
 # outputs
 
 
@@ -650,16 +978,23 @@ def _unique_share(sids: np.ndarray) -> float:
     return float(len(np.unique(sids, axis=0)) / max(len(sids), 1))
 
 
-def _write_sids(path: Path, item_id: np.ndarray, resolved: Resolved, version: str) -> None:
+def _write_sids(path: Path, item_id: np.ndarray, resolved: Resolved, version: str,
+                weights: np.ndarray | None = None, offsets: np.ndarray | None = None) -> None:
+    """The ID table; -1 codes (dropped) are left out of ``codes``, ``weights`` and ``sid``."""
     sids = resolved.sids()
     if _unique_share(sids) < 1.0:  # every resolver guarantees this; never write ambiguous IDs
         raise RuntimeError(f"{path}: collision handling left duplicate IDs")
+    codes = variable_length(resolved.codes, offsets)
+    kept = resolved.codes >= 0
+    w = np.ones(resolved.codes.shape, dtype=np.float32) if weights is None else np.asarray(weights, np.float32)
+    ids = [np.append(c, d) for c, d in zip(codes, resolved.digit)] if resolved.with_digit else codes
     table = pa.table({
         "item_id": pa.array(item_id, pa.int64()),
-        "codes": pa.array(list(resolved.codes.astype(np.int32)), pa.list_(pa.int32())),
+        "codes": pa.array([c.astype(np.int32) for c in codes], pa.list_(pa.int32())),
         "digit": pa.array(resolved.digit.astype(np.int32), pa.int32()),
-        "sid": pa.array(list(sids.astype(np.int32)), pa.list_(pa.int32())),
+        "sid": pa.array([c.astype(np.int32) for c in ids], pa.list_(pa.int32())),
         "version": pa.array([version] * len(item_id), pa.string()),
+        "weights": pa.array([row[k] for row, k in zip(w, kept)], pa.list_(pa.float32())),
     }, schema=SIDS)
     pq.write_table(table, path)
 
@@ -682,7 +1017,8 @@ def plot_code_usage(codes: np.ndarray, codebook_size: int, path: Path, title: st
     levels = codes.shape[1]
     fig, axes = plt.subplots(1, levels, figsize=(3.2 * levels, 2.8), squeeze=False, sharey=True)
     for level, ax in enumerate(axes[0]):
-        counts = np.sort(np.bincount(codes[:, level], minlength=codebook_size))[::-1]
+        col = codes[:, level]
+        counts = np.sort(np.bincount(col[col >= 0], minlength=codebook_size))[::-1]
         used = (counts > 0).mean()
         ax.bar(np.arange(codebook_size), counts, width=1.0, color="tab:blue")
         ax.axhline(len(codes) / codebook_size, color="tab:red", lw=1, ls="--", label="uniform")
