@@ -100,13 +100,21 @@ class RunDir:
             raise ValueError(f"{self.manifest_path}: unreadable manifest ({e}); delete it to rebuild the run") from e
 
     def record(self, stage: str, entry: StageEntry) -> None:
-        """Write ``stage``'s manifest entry atomically."""
-        manifest = self.read_manifest()
-        manifest.stages[stage] = entry
+        """Write ``stage``'s manifest entry atomically.
+
+        The read-modify-write holds an exclusive lock on ``.manifest.lock``, so two processes finishing
+        stages of one run directory at the same time (two ranker variants, say) both keep their entry.
+        """
+        import fcntl
+
         self.path.mkdir(parents=True, exist_ok=True)
-        tmp = self.manifest_path.with_suffix(f".tmp-{uuid.uuid4().hex[:8]}")
-        tmp.write_text(manifest.model_dump_json(indent=2))
-        os.replace(tmp, self.manifest_path)
+        with open(self.path / ".manifest.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            manifest = self.read_manifest()
+            manifest.stages[stage] = entry
+            tmp = self.manifest_path.with_suffix(f".tmp-{uuid.uuid4().hex[:8]}")
+            tmp.write_text(manifest.model_dump_json(indent=2))
+            os.replace(tmp, self.manifest_path)
 
     def is_current(self, stage: str, config_hash: str, inputs: dict[str, str]) -> bool:
         """True when ``stage`` ran with this config and these inputs and its outputs are intact."""

@@ -218,6 +218,22 @@ def run_trial(params: dict[str, Any], ctx: SweepContext) -> None:
 # the sweep
 
 
+def default_point(space: SearchSpace, base: Config) -> dict[str, Any] | None:
+    """The base config's value of every swept field, or None when one lies outside the space."""
+    point: dict[str, Any] = {}
+    for param in space.params:
+        node: Any = base
+        for part in param.path.split("."):
+            node = getattr(node, part)
+        inside = (node in param.args if param.kind in ("choice", "grid")
+                  else param.args[0] <= node < param.args[1] if param.kind == "randint"
+                  else param.args[0] <= node <= param.args[1])
+        if not inside:
+            return None
+        point[param.path] = node
+    return point
+
+
 @dataclass
 class SweepResult:
     """Where a sweep's outputs are and what it found."""
@@ -251,8 +267,11 @@ def run_sweep(cfg_path: str | None, overrides: list[str], space: SearchSpace, *,
 
     from sidforge.platform.config import load_config
 
+    # Trials run in Ray worker processes whose working directory is their trial folder: absolute paths only.
+    cfg_path = str(Path(cfg_path).resolve()) if cfg_path else None
     base = load_config(cfg_path, overrides)
     out = Path(base.run_dir).resolve() / f"tune-{space.name}"
+    overrides = [*overrides, f"run_dir={out.parent}"]
     exp = out / EXPERIMENT
     if fresh:
         shutil.rmtree(out, ignore_errors=True)
@@ -321,7 +340,10 @@ def _tune_config(space: SearchSpace, base: Config, num_samples: int | None) -> A
         from ray.tune.search import ConcurrencyLimiter
         from ray.tune.search.optuna import OptunaSearch
 
-        search_alg = ConcurrencyLimiter(OptunaSearch(seed=base.seed), max_concurrent=space.max_concurrent)
+        # The config's own values are the first trial, so "does the sweep beat the default" is in the table.
+        default = default_point(space, base)
+        search_alg = ConcurrencyLimiter(OptunaSearch(seed=base.seed, points_to_evaluate=[default] if default else None),
+                                        max_concurrent=space.max_concurrent)
     samples = 1 if space.search == "grid" else (num_samples or space.num_samples)
     return tune.TuneConfig(metric=space.metric, mode=space.mode, num_samples=samples, scheduler=scheduler,
                            search_alg=search_alg, max_concurrent_trials=space.max_concurrent)
