@@ -190,15 +190,19 @@ def run_trial(params: dict[str, Any], ctx: SweepContext) -> None:
     torch.set_num_threads(max(1, int(space.trial_cpus)))
     run = RunDir(cfg.run_dir)
     data_dir = Path(ctx.data_dir) if ctx.data_dir else None
+    earlier: dict[str, float] = {}
     for stage in space.stages[:-1]:
-        ctx.stages[stage](cfg, run, data_dir)
-
+        earlier.update(flatten(ctx.stages[stage](cfg, run, data_dir).metrics))
+    # extras an earlier stage already knows (the tokenizer's ID length) go with every report, so a trial
+    # that ASHA stops early still has them in the table
+    known = {k: earlier[k] for k in space.extra_metrics if k in earlier}
     best: list[float] = []
 
     def forward(row: dict[str, Any]) -> None:
         if space.metric in row and row[space.metric] is not None:
             best.append(float(row[space.metric]))
-        tune.report({k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        numbers = {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        tune.report({**known, **numbers})
 
     distributed = _workers(cfg, space.stage) > 0
     with epoch_reporting(forward, callbacks=[TuneReportCallback()] if distributed else ()):
@@ -210,7 +214,7 @@ def run_trial(params: dict[str, Any], ctx: SweepContext) -> None:
     if value is None or not math.isfinite(value):
         raise RuntimeError(f"stage {space.stage} reported no {space.metric!r}; check the space's metric "
                            f"(it reported: {sorted(final)[:12]})")
-    extras = {k: final[k] for k in space.extra_metrics if k in final}
+    extras = {**known, **{k: final[k] for k in space.extra_metrics if k in final}}
     tune.report({space.metric: value, **extras, "final": 1})
 
 
@@ -411,7 +415,11 @@ def results_table(grid: Any, space: SearchSpace) -> Any:
         for p in space.params:
             row[p.path] = result.config.get(p.path)
         for key in space.extra_metrics:
-            row[key] = metrics.get(key, np.nan)
+            value = metrics.get(key, np.nan)
+            if (value is None or value != value) and df is not None and key in df:  # NaN: look back
+                seen = df[key].dropna()
+                value = float(seen.iloc[-1]) if len(seen) else np.nan
+            row[key] = value
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -439,13 +447,16 @@ def plot_params(table: Any, space: SearchSpace, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     ok = table[table["status"] == "TERMINATED"].dropna(subset=[space.metric])
-    n = len(space.params)
+    full = ok["iterations"] >= ok["iterations"].max() if len(ok) else ok["iterations"].astype(bool)
+    params = [p for p in space.params if not (p.kind in ("choice", "grid") and len(p.args) == 1)]  # constants
+    n = max(len(params), 1)
     cols = min(n, 3)
     rows = math.ceil(n / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
-    for ax, param in zip(axes.flat, space.params):
+    for ax, param in zip(axes.flat, params):
         values = ok[param.path].tolist()
         y = ok[space.metric].to_numpy(dtype=float)
         if param.kind in ("choice", "grid") and not all(isinstance(v, (int, float)) for v in param.args):
@@ -456,16 +467,21 @@ def plot_params(table: Any, space: SearchSpace, path: Path) -> None:
             x = np.asarray(values, dtype=float)
             if param.log_scale:
                 ax.set_xscale("log")
-        ax.scatter(x, y, s=22, color="tab:blue", alpha=0.8)
+                ax.xaxis.set_minor_formatter(NullFormatter())
+        mask = full.to_numpy()
+        ax.scatter(x[mask], y[mask], s=22, color="tab:blue", alpha=0.85, label="ran its full budget")
+        ax.scatter(x[~mask], y[~mask], s=22, facecolors="none", edgecolors="tab:gray", label="stopped by ASHA")
         if len(y):
             i = int(np.argmax(y) if space.mode == "max" else np.argmin(y))
-            ax.scatter([x[i]], [y[i]], s=60, facecolors="none", edgecolors="tab:red", label="best")
-            ax.legend(fontsize=7)
+            ax.scatter([x[i]], [y[i]], s=70, facecolors="none", edgecolors="tab:red", label="best")
+        ax.tick_params(labelsize=7)
         ax.set_xlabel(param.path, fontsize=8)
         ax.set_ylabel(space.metric, fontsize=8)
-    for ax in list(axes.flat)[n:]:
+    axes.flat[0].legend(fontsize=6, loc="lower left")
+    for ax in list(axes.flat)[len(params):]:
         ax.axis("off")
-    fig.suptitle(f"{space.name}: {space.metric} per trial ({len(ok)} finished of {len(table)})", fontsize=10)
+    fig.suptitle(f"{space.name}: {space.metric} per trial ({len(ok)} finished of {len(table)}; a stopped "
+                 "trial shows its best value before the stop)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -502,7 +518,7 @@ def plot_pareto(table: Any, space: SearchSpace, path: Path) -> None:
     ax.set_xlabel(space.pareto.get("x_label", xkey), fontsize=9)
     ax.set_ylabel(space.metric, fontsize=9)
     ax.legend(fontsize=8)
-    ax.set_title(f"{space.name}: quality vs {space.pareto.get('x_label', xkey)}", fontsize=10)
+    ax.set_title(f"{space.name}: {space.metric} vs {xkey}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
