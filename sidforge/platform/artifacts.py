@@ -170,3 +170,25 @@ class RunDir:
 
 def now_iso() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def prepare_fingerprints(run: RunDir) -> dict[str, str]:
+    """Fingerprints of what the trainers read from ``RUN/prepare`` (interactions and item_stats)."""
+    from sidforge.platform.schemas import DataError
+
+    prep = run.stage_dir("prepare")
+    inter = prep / "interactions"
+    if not inter.is_dir() or not (prep / "item_stats.parquet").is_file():
+        raise DataError(f"{prep} has no interactions/ or item_stats.parquet; run `sidforge prepare` first")
+    files = [p for p in inter.rglob("*") if p.is_file()] + [prep / "item_stats.parquet"]
+    return fingerprint_files(files, root=run.path)
+
+
+def sids_fingerprints(run: RunDir, sids: Path) -> dict[str, str]:
+    """Fingerprint of a tokenizer's ``sids.parquet`` (relative to the run when it lies inside it)."""
+    from sidforge.platform.schemas import DataError
+
+    if not (sids / "sids.parquet").is_file():
+        raise DataError(f"{sids / 'sids.parquet'} not found; run `sidforge tokenize` first or point --sids "
+                        "at a RUN/tokenize-<name> folder")
+    return fingerprint_files([sids / "sids.parquet"], root=run.path if sids.is_relative_to(run.path) else None)

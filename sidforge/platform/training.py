@@ -78,6 +78,7 @@ __all__ = [
     "remove_run",
     "run_name",
     "shard_indices",
+    "stage_run_settings",
 ]
 
 STATE_FILE = "state.pt"
@@ -209,6 +210,18 @@ class FitResult:
 def run_name(stage: str, *hashes: str) -> str:
     """A stable run name for a stage: the same stage, config and inputs resume the same run."""
     return "-".join([stage, *(h[:12] for h in hashes if h)])
+
+
+def stage_run_settings(stage: str, run_path: Path, config_hash: str, inputs: dict[str, str], *, max_failures: int,
+                       patience: int | None, monitor: str, mode: Literal["max", "min"] = "max") -> RunSettings:
+    """A stage's training run in ``RUN/_train``, named by its config and inputs: an interrupted stage
+    resumes, a changed one starts afresh."""
+    import hashlib
+
+    inputs_hash = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+    return RunSettings(name=run_name(stage, config_hash, inputs_hash), storage_path=run_path / "_train",
+                       max_failures=max_failures, checkpoints_to_keep=2, monitor=monitor, mode=mode,
+                       patience=patience)
 
 
 def checkpoint_dir_name(epoch: int) -> str:

@@ -47,7 +47,11 @@ import pyarrow.parquet as pq
 import torch
 
 from sidforge.models.align import ClipInputs, FeatureAligner, FeatureAlignerConfig, OpenClipAligner
-from sidforge.platform.artifacts import RunDir, StageResult, fingerprint_files
+from sidforge.platform.artifacts import (
+    RunDir,
+    StageResult,
+    fingerprint_files,
+)
 from sidforge.platform.config import AlignTrainConfig, Config, ConfigError
 from sidforge.platform.metrics import i2i_hit_at_k
 from sidforge.platform.schemas import DataError
@@ -59,7 +63,7 @@ from sidforge.platform.training import (
     fit,
     load_state,
     remove_run,
-    run_name,
+    stage_run_settings,
 )
 from sidforge.stages.embed import IMAGE_NO_URI, IMAGE_OK, IMAGE_UNREADABLE, ItemEmbeddings, load_embeddings
 
@@ -158,11 +162,8 @@ def _input_fingerprints(cfg: Config, run_dir: RunDir) -> dict[str, str]:
 
 
 def _run_settings(cfg: Config, run_dir: RunDir, config_hash: str, inputs: dict[str, str]) -> RunSettings:
-    # Named by config and inputs: an interrupted stage resumes, a changed one starts afresh.
-    inputs_hash = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
-    return RunSettings(name=run_name(STAGE, config_hash, inputs_hash), storage_path=run_dir.path / "_train",
-                       max_failures=cfg.align.max_failures, checkpoints_to_keep=2, monitor=MONITOR, mode="max",
-                       patience=cfg.align.patience)
+    return stage_run_settings(STAGE, run_dir.path, config_hash, inputs, max_failures=cfg.align.max_failures,
+                              patience=cfg.align.patience, monitor=MONITOR)
 
 
 # ----------------------------------------------------------------------------------------------

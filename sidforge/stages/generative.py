@@ -52,7 +52,8 @@ from sidforge.models.generative import TIGER, ItemTrie, TIGERConfig, beam_search
 from sidforge.platform.artifacts import (
     RunDir,
     StageResult,
-    fingerprint_files,
+    prepare_fingerprints,
+    sids_fingerprints,
 )
 from sidforge.platform.config import Config
 from sidforge.platform.metrics import DEFAULT_KS, metrics_from_ranks
@@ -65,7 +66,7 @@ from sidforge.platform.training import (
     fit,
     load_state,
     remove_run,
-    run_name,
+    stage_run_settings,
 )
 from sidforge.stages.sasrec import build_sequences
 
@@ -129,27 +130,13 @@ def _relative(path: Path, root: Path) -> str:
 
 
 def _input_fingerprints(run_dir: RunDir, sids: Path) -> dict[str, str]:
-    prep = run_dir.stage_dir("prepare")
-    inter = prep / "interactions"
-    if not inter.is_dir() or not (prep / "item_stats.parquet").is_file():
-        raise DataError(f"{prep} has no interactions/ or item_stats.parquet; run `sidforge prepare` first")
-    if not (sids / "sids.parquet").is_file():
-        raise DataError(f"{sids / 'sids.parquet'} not found; run `sidforge tokenize` first or point --sids "
-                        "at a RUN/tokenize-<name> folder")
-    out = fingerprint_files([p for p in inter.rglob("*") if p.is_file()] + [prep / "item_stats.parquet"],
-                            root=run_dir.path)
-    sids_file = sids / "sids.parquet"
-    out.update(fingerprint_files([sids_file], root=run_dir.path if sids.is_relative_to(run_dir.path) else None))
-    return out
+    return {**prepare_fingerprints(run_dir), **sids_fingerprints(run_dir, sids)}
 
 
 def _run_settings(cfg: Config, run_dir: RunDir, stage: str, config_hash: str,
                   inputs: dict[str, str]) -> RunSettings:
-    # Named by config and inputs: an interrupted stage resumes, a changed one starts afresh.
-    inputs_hash = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
-    return RunSettings(name=run_name(stage, config_hash, inputs_hash), storage_path=run_dir.path / "_train",
-                       max_failures=cfg.generative.max_failures, checkpoints_to_keep=2, monitor=MONITOR,
-                       mode="max", patience=cfg.generative.patience)
+    return stage_run_settings(stage, run_dir.path, config_hash, inputs, max_failures=cfg.generative.max_failures,
+                              patience=cfg.generative.patience, monitor=MONITOR)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -41,7 +41,13 @@ import pyarrow.parquet as pq
 import torch
 
 from sidforge.models.ranker import RankerConfig, SaviorRanker
-from sidforge.platform.artifacts import RunDir, StageResult, fingerprint_files
+from sidforge.platform.artifacts import (
+    RunDir,
+    StageResult,
+    fingerprint_files,
+    prepare_fingerprints,
+    sids_fingerprints,
+)
 from sidforge.platform.config import Config, RankerTrainConfig
 from sidforge.platform.metrics import ranking_metrics
 from sidforge.platform.schemas import DataError
@@ -53,7 +59,7 @@ from sidforge.platform.training import (
     fit,
     load_state,
     remove_run,
-    run_name,
+    stage_run_settings,
 )
 from sidforge.stages.sasrec import length_buckets
 
@@ -125,35 +131,23 @@ def _content_path(r: RankerTrainConfig, run_dir: RunDir) -> Path:
 
 
 def _input_fingerprints(r: RankerTrainConfig, run_dir: RunDir, sids: Path | None) -> dict[str, str]:
-    prep = run_dir.stage_dir("prepare")
-    inter = prep / "interactions"
-    if not inter.is_dir() or not (prep / "item_stats.parquet").is_file():
-        raise DataError(f"{prep} has no interactions/ or item_stats.parquet; run `sidforge prepare` first")
-    files = [p for p in inter.rglob("*") if p.is_file()] + [prep / "item_stats.parquet"]
+    out = prepare_fingerprints(run_dir)
     if r.content != "none":
         path = _content_path(r, run_dir)
         if not path.is_file():
             hint = "sidforge embed" if r.content == "embed" else "sidforge train align"
             raise DataError(f"{path} not found; run `{hint}` first (ranker.content={r.content})")
-        files.append(path)
-    out = fingerprint_files(files, root=run_dir.path)
+        out.update(fingerprint_files([path], root=run_dir.path))
     if r.mba or r.sid_features:
         assert sids is not None
-        if not (sids / "sids.parquet").is_file():
-            raise DataError(f"{sids / 'sids.parquet'} not found; run `sidforge tokenize` first or point --sids "
-                            "at a RUN/tokenize-<name> folder")
-        out.update(fingerprint_files([sids / "sids.parquet"],
-                                     root=run_dir.path if sids.is_relative_to(run_dir.path) else None))
+        out.update(sids_fingerprints(run_dir, sids))
     return out
 
 
 def _run_settings(cfg: Config, run_dir: RunDir, stage: str, config_hash: str,
                   inputs: dict[str, str]) -> RunSettings:
-    # Named by config and inputs: an interrupted stage resumes, a changed one starts afresh.
-    inputs_hash = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
-    return RunSettings(name=run_name(stage, config_hash, inputs_hash), storage_path=run_dir.path / "_train",
-                       max_failures=cfg.ranker.max_failures, checkpoints_to_keep=2, monitor=MONITOR,
-                       mode="max", patience=cfg.ranker.patience)
+    return stage_run_settings(stage, run_dir.path, config_hash, inputs, max_failures=cfg.ranker.max_failures,
+                              patience=cfg.ranker.patience, monitor=MONITOR)
 
 
 # ----------------------------------------------------------------------------------------------
