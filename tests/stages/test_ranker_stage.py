@@ -9,19 +9,15 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from tiny_run import write_prepare_and_embed
 
 from sidforge.platform.artifacts import RunDir
 from sidforge.platform.config import Config, ConfigError, load_config
-from sidforge.platform.logs import SPLIT_NAMES, TRAIN, choose_cold_items, order_and_split
-from sidforge.platform.metrics import popularity_buckets
-from sidforge.platform.schemas import INTERACTIONS, ITEM_STATS, DataError
-from sidforge.platform.synthetic import make_truth, sample_sequences, synthetic_items
+from sidforge.platform.schemas import DataError
 from sidforge.stages import ranker, tokenize
-from sidforge.stages.embed import ItemEmbeddings
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -51,26 +47,8 @@ def test_negatives_come_from_the_pool_and_never_equal_their_positive():
 
 
 def _write_run(cfg: Config) -> RunDir:
-    """``prepare`` and ``embed`` outputs written directly from the synthetic generator, then RQ-KMeans IDs."""
-    run = RunDir(cfg.run_dir)
-    s = cfg.synthetic
-    truth = make_truth(s)
-    user, item, pos = sample_sequences(s, truth, s.num_users, np.random.default_rng(s.seed))
-    cold = choose_cold_items(s.num_items, cfg.prepare.cold_item_fraction, cfg.seed)
-    ub = order_and_split(user, item, pos, cfg.prepare.min_seq_len, cold)
-    prep = run.stage_dir("prepare")
-    (prep / "interactions").mkdir(parents=True)
-    pq.write_table(pa.table({"user_id": ub.user, "item_id": ub.item, "position": ub.position,
-                             "split": SPLIT_NAMES[ub.split].tolist()}, schema=INTERACTIONS),
-                   prep / "interactions" / "part-0.parquet")
-    counts = np.bincount(ub.item[ub.split == TRAIN], minlength=s.num_items)
-    pq.write_table(pa.table({"item_id": np.arange(s.num_items), "train_count": counts,
-                             "bucket": popularity_buckets(counts), "cold_holdout": cold}, schema=ITEM_STATS),
-                   prep / "item_stats.parquet")
-    feats = np.stack(synthetic_items(s, truth).column("feat_content").to_numpy(zero_copy_only=False))
-    run.stage_dir("embed").mkdir()
-    pq.write_table(ItemEmbeddings(np.arange(s.num_items), {"content": feats.astype(np.float32)}).to_table(),
-                   run.stage_dir("embed") / "item_embeddings.parquet")
+    """``prepare`` and ``embed`` outputs written directly, then RQ-KMeans IDs."""
+    run = write_prepare_and_embed(cfg)
     tokenize.run(cfg, run)
     return run
 
