@@ -82,6 +82,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-evaluate", action="store_true", help="skip the one test-split run of the best config")
     _add_common(p)
 
+    p = sub.add_parser("pipeline", help="every stage of a method preset in order, skipping what is current, then "
+                                        "the report")
+    p.add_argument("--preset", choices=["savior", "bbq", "ada-sid", "tiger", "sasrec"],
+                   help="the method (default: the config's pipeline.preset)")
+    p.add_argument("--no-report", action="store_true", help="do not render RUN/report.md at the end")
+    _add_common(p)
+
+    p = sub.add_parser("report", help="re-render RUN/report.md and its plots; several runs: a side-by-side comparison")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", help="several runs: folder for comparison.md (default: runs/comparison)")
+    p.add_argument("--dataset", help="published figures to show (default: the one the pipeline recorded)")
+
     p = sub.add_parser("config", help="print the resolved config as YAML")
     _add_common(p)
 
@@ -324,6 +336,31 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    from sidforge.pipeline import run_pipeline
+    from sidforge.platform.datasets import resolve_data_dir
+
+    if args.force:
+        raise ConfigError("sidforge pipeline has no --force: a stage re-runs by itself when its config, inputs or "
+                          "outputs changed; use the stage's own command with --force to redo one")
+    if not args.verbose:  # one line per stage and the progress bars, not every epoch's log line
+        logging.getLogger("sidforge").setLevel(logging.WARNING)
+    run_pipeline(args.config, args.overrides, preset=args.preset, run_dir=args.run_dir,
+                 data_dir=resolve_data_dir(args.data_dir), address=args.address,
+                 report=False if args.no_report else None, command="sidforge " + " ".join(sys.argv[1:]))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from sidforge.platform import report
+
+    if len(args.runs) == 1:
+        print(f"report: {report.render(args.runs[0], dataset=args.dataset)}")
+    else:
+        print(f"comparison: {report.compare(args.runs, args.out or 'runs/comparison')}")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from sidforge.platform.config import dump_config
 
@@ -360,7 +397,8 @@ def format_table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str
 
 
 COMMANDS = {"prepare": cmd_prepare, "embed": cmd_embed, "train": cmd_train, "tokenize": cmd_tokenize,
-            "evaluate": cmd_evaluate, "tune": cmd_tune, "config": cmd_config, "data": cmd_data, "serve": cmd_serve}
+            "evaluate": cmd_evaluate, "tune": cmd_tune, "config": cmd_config, "data": cmd_data, "serve": cmd_serve,
+            "pipeline": cmd_pipeline, "report": cmd_report}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -373,7 +411,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"sidforge: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # the datasets module's own errors

@@ -961,6 +961,23 @@ class ServeConfig:
 
 
 @dataclass(frozen=True)
+class PipelineConfig:
+    """``sidforge pipeline``: the stages from logs to a served model, wired by a method preset.
+
+    Attributes:
+        preset: ``savior`` (prepare, embed, align, tokenize over z, ranker with MBA), ``bbq`` (prepare,
+            embed, sasrec, BBQ tokenize, SID-reweighted sasrec), ``ada-sid`` (prepare, embed, sasrec,
+            ADA-SID tokenize, ranker with SID features, generative retrieval), or the baselines
+            ``tiger`` (prepare, embed, RQ-VAE tokenize, generative) and ``sasrec`` (prepare, sasrec).
+            Empty: name one with ``--preset``.
+        report: render ``RUN/report.md`` and its plots after the last stage.
+    """
+
+    preset: Literal["", "savior", "bbq", "ada-sid", "tiger", "sasrec"] = ""
+    report: bool = True
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole experiment. Each YAML under ``configs/`` is one of these."""
 
@@ -977,6 +994,7 @@ class Config:
     align: AlignTrainConfig = field(default_factory=AlignTrainConfig)
     ranker: RankerTrainConfig = field(default_factory=RankerTrainConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -993,11 +1011,12 @@ class Config:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                values: dict[str, Any] | None = None) -> Config:
-    """Load a :class:`Config` from YAML, then apply ``a.b=c`` overrides, then typed ``values``.
+                values: dict[str, Any] | None = None, defaults: dict[str, Any] | None = None) -> Config:
+    """Load a :class:`Config` from YAML, then typed ``defaults``, ``a.b=c`` overrides, typed ``values``.
 
     Args:
         path: YAML file; ``None`` starts from the defaults.
+        defaults: ``{"dotted.key": value}`` set over the YAML, under the overrides (a pipeline preset).
         overrides: strings ``dotted.key=value``; values are parsed as YAML scalars.
         values: ``{"dotted.key": value}`` set as given, no text round trip (what a Tune trial samples).
 
@@ -1015,6 +1034,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{p}: not valid YAML: {e}") from e
         if not isinstance(raw, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections")
+    for key, value in (defaults or {}).items():
+        _set_dotted(raw, key, value)
     for ov in overrides or []:
         _apply_override(raw, ov)
     for key, value in (values or {}).items():

@@ -32,74 +32,24 @@ import logging
 import math
 import os
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from sidforge.platform.artifacts import RunDir, StageResult
+from sidforge.pipeline import STAGES as PIPELINE_STAGES
+from sidforge.pipeline import StageFn, stage_workers
+from sidforge.platform.artifacts import RunDir
 from sidforge.platform.config import Config, ConfigError, dump_config
 from sidforge.tuning.spaces import SearchSpace, apply_params
 
 log = logging.getLogger(__name__)
 
-StageFn = Callable[[Config, RunDir, "Path | None"], StageResult]
 EXPERIMENT = "sweep"
 
-
-# ----------------------------------------------------------------------------------------------
-# the stages a trial can run
-
-
-def _stage_prepare(cfg: Config, run: RunDir, data_dir: Path | None) -> StageResult:
-    from sidforge.stages import prepare
-
-    return prepare.run(cfg, run, data_dir)
-
-
-def _stage_embed(cfg: Config, run: RunDir, data_dir: Path | None) -> StageResult:
-    from sidforge.stages import embed
-
-    return embed.run(cfg, run)
-
-
-def _stage_sasrec(cfg: Config, run: RunDir, data_dir: Path | None) -> StageResult:
-    from sidforge.stages import sasrec
-
-    return sasrec.run(cfg, run)
-
-
-def _stage_align(cfg: Config, run: RunDir, data_dir: Path | None) -> StageResult:
-    from sidforge.stages import align
-
-    return align.run(cfg, run)
-
-
-def _stage_tokenize(cfg: Config, run: RunDir, data_dir: Path | None) -> StageResult:
-    from sidforge.stages import tokenize
-
-    return tokenize.run(cfg, run, data_dir)
-
-
-def _stage_ranker(cfg: Config, run: RunDir, data_dir: Path | None) -> StageResult:
-    from sidforge.stages import ranker
-
-    uses_sids = cfg.ranker.mba or cfg.ranker.sid_features
-    return ranker.run(cfg, run, run.stage_dir(cfg.tokenize.output_name) if uses_sids else None)
-
-
-def _stage_generative(cfg: Config, run: RunDir, data_dir: Path | None) -> StageResult:
-    from sidforge.stages import generative
-
-    return generative.run(cfg, run, run.stage_dir(cfg.tokenize.output_name))
-
-
-STAGES: dict[str, StageFn] = {
-    "prepare": _stage_prepare, "embed": _stage_embed, "sasrec": _stage_sasrec, "align": _stage_align,
-    "tokenize": _stage_tokenize, "ranker": _stage_ranker, "generative": _stage_generative,
-}
+# the stages a trial can run: the pipeline's own (register_stage adds more)
+STAGES: dict[str, StageFn] = dict(PIPELINE_STAGES)
 
 
 def register_stage(name: str, fn: StageFn) -> None:
@@ -113,13 +63,6 @@ def register_stage(name: str, fn: StageFn) -> None:
 
     STAGES[name] = fn
     STAGE_NAMES.add(name)
-
-
-def _workers(cfg: Config, stage: str) -> int:
-    section = getattr(cfg, stage, None)
-    if stage == "tokenize":  # the trained tokenizers' sections (rqvae, bbq, ada_sid) have num_workers
-        section = getattr(cfg.tokenize, cfg.tokenize.method.replace("-", "_"), None)
-    return int(getattr(section, "num_workers", 0) or 0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -204,7 +147,7 @@ def run_trial(params: dict[str, Any], ctx: SweepContext) -> None:
         numbers = {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         tune.report({**known, **numbers})
 
-    distributed = _workers(cfg, space.stage) > 0
+    distributed = stage_workers(cfg, space.stage) > 0
     with epoch_reporting(forward, callbacks=[TuneReportCallback()] if distributed else ()):
         result = ctx.stages[space.stage](cfg, run, data_dir)
     final = flatten(result.metrics)
@@ -325,7 +268,7 @@ def run_sweep(cfg_path: str | None, overrides: list[str], space: SearchSpace, *,
 def _trainable(ctx: SweepContext, base: Config) -> Any:
     from ray import tune
 
-    resources = {"train_driver": 1} if _workers(base, ctx.space.stage) > 0 else {"cpu": ctx.space.trial_cpus}
+    resources = {"train_driver": 1} if stage_workers(base, ctx.space.stage) > 0 else {"cpu": ctx.space.trial_cpus}
     return tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), resources)
 
 
