@@ -19,7 +19,11 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/sidforge prepare --config configs/amazon-beauty.yaml
+	$(VENV)/bin/sidforge pipeline --config configs/demo.yaml
+	@echo
+	@echo "The report: runs/demo/report.md (plots in runs/demo/report/). Serve the run over HTTP with:"
+	@echo "  $(VENV)/bin/sidforge serve runs/demo --config configs/demo.yaml"
+	@echo "  curl -s localhost:8000/recommend -H 'content-type: application/json' -d '{\"history\": [1, 2, 3]}'"
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check sidforge tests bench

@@ -144,8 +144,8 @@ def mean_std(values: Sequence[Any], digits: int = 4) -> str:
     if len(vals) == 0:
         return "–"
     if len(set(vals.tolist())) == 1:  # one value, or the same for every seed (a count)
-        v = float(vals[0])
-        return fmt(int(v) if v.is_integer() and abs(v) >= 1 else v, digits)
+        ints = all(isinstance(v, int) for v in values if v is not None)
+        return fmt(int(vals[0]) if ints else float(vals[0]), digits)
     return f"{vals.mean():.{digits}f} ± {vals.std(ddof=1) if len(vals) > 1 else 0.0:.{digits}f}"
 
 
