@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import platform
+import secrets
 import shlex
 import socket
 import statistics
@@ -177,7 +178,9 @@ async def load(url: str, phase: str, bodies: list[bytes], rate: float, max_infli
     records: list[tuple[float, float, str]] = []  # (sent at, latency ms, outcome)
     inflight = 0
     dropped = 0
-    headers = {"content-type": "application/json"}
+    # writes need the API token (the bench made one for its own server; see main)
+    headers = {"content-type": "application/json",
+               "authorization": f"Bearer {os.environ.get('SIDFORGE_SERVE_TOKEN', '')}"}
 
     async def one(session: aiohttp.ClientSession, scheduled: float, body: bytes) -> None:
         nonlocal inflight
@@ -355,6 +358,8 @@ def main() -> int:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # a throwaway API token for this server (set before Ray starts, so the replicas inherit it)
+    os.environ.setdefault("SIDFORGE_SERVE_TOKEN", secrets.token_urlsafe(32))
     from sidforge.platform.runtime import init_ray
 
     load_before = os.getloadavg()

@@ -900,6 +900,15 @@ class ServeConfig:
         deployments: per deployment (``ingress``, ``encoder``, ``assigner``, ``catalogue``,
             ``retriever``, ``ranker``): ``num_replicas``, or ``min_replicas``/``max_replicas``/
             ``target_ongoing_requests`` for autoscaling; ``max_ongoing_requests``; ``num_cpus``.
+        token_env: the environment variable holding the API's bearer token (the token itself never sits
+            in a config); write endpoints need it.
+        token_file: a file holding the token (a mounted secret); when set it wins over ``token_env``.
+        auth_reads: also require the token on the read endpoints (``/rank``, ``/recommend``,
+            ``/version``, the OpenAPI docs); ``/healthz`` stays open for probes.
+        expose: listen on a non-loopback ``host``; without it only 127.0.0.1 / localhost / ::1 are
+            accepted, so the API never leaves the machine by accident.
+        artifact_root: when set, the run directory and every file the server reads (the stage folders
+            that ``ranker``/``sids``/``generative`` name, ``catalogue_log``) must lie inside it.
     """
 
     ranker: str = "ranker"
@@ -922,6 +931,11 @@ class ServeConfig:
     batch_wait_ms: float = 2.0
     torch_threads: int = 1
     deployments: dict[str, dict[str, Any]] = field(default_factory=dict)
+    token_env: str = "SIDFORGE_SERVE_TOKEN"
+    token_file: str = ""
+    auth_reads: bool = False
+    expose: bool = False
+    artifact_root: str = ""
 
     # class constants (no annotation: not config keys)
     DEPLOYMENTS = ("ingress", "encoder", "assigner", "catalogue", "retriever", "ranker")
@@ -939,6 +953,9 @@ class ServeConfig:
             raise ConfigError("serve.request_timeout_s must be > 0 and serve.batch_wait_ms >= 0")
         if not 0 <= self.port < 65536:
             raise ConfigError(f"serve.port must be in [0, 65535], got {self.port}")
+        if self.host not in ("127.0.0.1", "localhost", "::1") and not self.expose:
+            raise ConfigError(f"serve.host={self.host} would expose the API beyond this machine; set serve.expose=true "
+                              "to mean it (and a token: serve.token_env / serve.token_file)")
         for dep, options in self.deployments.items():
             if dep not in self.DEPLOYMENTS:
                 raise ConfigError(f"serve.deployments.{dep}: unknown deployment; use {', '.join(self.DEPLOYMENTS)}")

@@ -8,9 +8,12 @@ Errors never leave as a bare 500 for bad input. Every error body is
 ``{"model_version", "error": {"field", "message"}}`` with the field as a path into the request body:
 
 - 400: the body is not JSON;
+- 401 / 403: no bearer token / not the right one, on a write endpoint (and on reads with
+  ``serve.auth_reads``), checked before the body is read (:mod:`sidforge.serving.auth`);
 - 413: the body exceeds ``serve.max_body_kb``;
 - 422: a field is missing, of the wrong type, out of range (an unknown item id, an empty or too long
-  history, too many candidates or items, a vector of the wrong width, NaN or infinity);
+  history, too many candidates or items, a vector of the wrong width, NaN or infinity); a list over
+  its limit names the limit (``serve.max_history``, ``serve.max_candidates``, ``serve.max_items``);
 - 503: a deployment the request needs is unavailable (replica lost twice, overloaded);
 - 504: the request ran past ``serve.request_timeout_s``.
 
@@ -25,11 +28,14 @@ import math
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Protocol, TypeVar
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, HTTPException, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.security import HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from sidforge.serving.auth import Auth, AuthGate
 from sidforge.serving.errors import BadInput, Unavailable
 from sidforge.serving.plan import ServingPlan
 
@@ -41,6 +47,10 @@ Finite = Annotated[float, Field(allow_inf_nan=False)]
 ItemId = Annotated[int, Field(ge=0, strict=True, description="an item id of the catalogue")]
 MAX_VECTOR = 16_384  # widest vector a request may carry (any run's embeddings are narrower)
 MAX_TEXT = 4_000
+# request lists and the serve setting that caps each (named in the 422 answer)
+LIMITS = {"history": "max_history", "candidates": "max_candidates", "items": "max_items"}
+# declares the scheme in the OpenAPI schema; the check itself is AuthGate's, before the body is read
+BEARER = HTTPBearer(auto_error=False, description="the API token (serve.token_env / serve.token_file)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -304,15 +314,23 @@ class VersionHeader:
         await self.app(scope, receive, with_header)
 
 
-def build_api(backend: Backend) -> FastAPI:
-    """The FastAPI app over ``backend`` (see the module doc for the routes' contract)."""
+def build_api(backend: Backend, auth: Auth | None = None) -> FastAPI:
+    """The FastAPI app over ``backend`` (see the module doc for the routes' contract).
+
+    Args:
+        backend: where the models run.
+        auth: the API token check (default: read from ``serve.token_env`` / ``serve.token_file`` here,
+            in the process that answers requests).
+    """
     plan = backend.plan
     s = plan.serve
+    auth = Auth.from_config(s) if auth is None else auth
     version = plan.version
     AssignRequest, RankRequest, RecommendRequest = request_models(plan)
     errors: dict[int | str, dict[str, Any]] = {
         code: {"model": ErrorResponse, "description": text} for code, text in (
-            (400, "the body is not JSON"), (413, "the body is too large"),
+            (400, "the body is not JSON"), (401, "no bearer token"), (403, "the token is not valid here"),
+            (413, "the body is too large"),
             (422, "a field is invalid (named in error.field)"), (503, "a deployment is unavailable"),
             (504, "the request timed out"))}
     app = FastAPI(title="sidforge", version=version, description=(
@@ -329,11 +347,21 @@ def build_api(backend: Backend) -> FastAPI:
             reason = (first.get("ctx") or {}).get("error", "malformed")
             return error(400, "body", f"not valid JSON ({reason} at position {first['loc'][-1]})")
         message = first.get("msg", "invalid").removeprefix("Value error, ")
+        loc = [p for p in first.get("loc", ()) if p != "body"]
+        if first.get("type") == "too_long" and len(loc) == 1 and loc[0] in LIMITS:
+            name = LIMITS[loc[0]]
+            message = f"{message} (the limit is serve.{name}={getattr(s, name)})"
         return error(422, field_path(first.get("loc", ())), message)
 
     @app.exception_handler(BadInput)
     async def _bad(_: Request, exc: BadInput) -> JSONResponse:
         return error(exc.status, exc.field, exc.message)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # FastAPI's own answers (a body that is not UTF-8, an unknown route, a wrong method) in our error shape
+        field = "body" if exc.status_code == 400 else ""
+        return error(exc.status_code, field, str(exc.detail))
 
     @app.exception_handler(_TooLarge)
     async def _large(_: Request, exc: _TooLarge) -> JSONResponse:
@@ -351,15 +379,18 @@ def build_api(backend: Backend) -> FastAPI:
         return await asyncio.wait_for(work, s.request_timeout_s)
 
     @app.post("/items/assign", response_model=AssignResponse, responses=errors, tags=["items"],
-              summary="Assign semantic IDs to new items and add them to the catalogue")
+              summary="Assign semantic IDs to new items and add them to the catalogue (needs the token)",
+              dependencies=[Security(BEARER)])
     @body_type(AssignRequest)
     async def assign(body: Any) -> dict[str, Any]:
         items = [item.model_dump(exclude_none=True) for item in body.items]
         added, size = await deadline(backend.assign(items))
         return {"model_version": version, "catalogue_size": size, "items": added}
 
+    reads = [Security(BEARER)] if auth.reads else []
+
     @app.post("/rank", response_model=RankResponse, responses=errors, tags=["ranking"],
-              summary="Score candidates for a history with the CTR ranker")
+              summary="Score candidates for a history with the CTR ranker", dependencies=reads)
     @body_type(RankRequest)
     async def rank(body: Any) -> dict[str, Any]:
         async def work() -> list[float]:
@@ -371,7 +402,7 @@ def build_api(backend: Backend) -> FastAPI:
         return {"model_version": version, "scores": [s if math.isfinite(s) else 0.0 for s in scores]}
 
     @app.post("/recommend", response_model=RecommendResponse, responses=errors, tags=["ranking"],
-              summary="Retrieve candidates for a history, rank them, return the top K")
+              summary="Retrieve candidates for a history, rank them, return the top K", dependencies=reads)
     @body_type(RecommendRequest)
     async def recommend(body: Any) -> dict[str, Any]:
         async def work() -> list[dict[str, Any]]:
@@ -389,7 +420,8 @@ def build_api(backend: Backend) -> FastAPI:
             return {"status": "degraded", "model_version": version, "catalogue_size": None}
         return {"status": "ok", "model_version": version, "catalogue_size": info["size"]}
 
-    @app.get("/version", tags=["service"], summary="The model version, the stages it comes from, the catalogue")
+    @app.get("/version", tags=["service"], summary="The model version, the stages it comes from, the catalogue",
+             dependencies=reads)
     async def get_version() -> dict[str, Any]:
         info = await deadline(backend.catalogue_info())
         return {"model_version": version, "run_dir": str(plan.run_dir), "ranker": plan.ranker_dir.name,
@@ -398,6 +430,12 @@ def build_api(backend: Backend) -> FastAPI:
                            "retrieval": plan.retrieval_space},
                 "catalogue": info}
 
+    async def refuse(status: int, message: str, scope: Any, receive: Any, send: Any) -> None:
+        headers = {"www-authenticate": "Bearer"} if status == 401 else None
+        await JSONResponse({"model_version": version, "error": {"field": "authorization", "message": message}},
+                           status, headers=headers)(scope, receive, send)
+
     app.add_middleware(BodyLimit, max_bytes=s.max_body_kb * 1024, version=version)
+    app.add_middleware(AuthGate, auth=auth, refuse=refuse)  # outside the body limit: checked first
     app.add_middleware(VersionHeader, version=version)
     return app

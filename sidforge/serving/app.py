@@ -42,6 +42,7 @@ from ray.serve.handle import DeploymentHandle
 
 from sidforge.platform.config import ServeConfig, load_config
 from sidforge.serving.api import build_api, merge, unknown_ids
+from sidforge.serving.auth import Auth
 from sidforge.serving.catalogue import CatalogueState, Delta, Follower
 from sidforge.serving.content import check_items, item_vectors
 from sidforge.serving.errors import BadInput, Unavailable
@@ -364,8 +365,15 @@ class Ingress:
 
 
 def compose(plan: ServingPlan) -> Any:
-    """The application graph over a resolved run (deployment options from ``plan.serve``)."""
+    """The application graph over a resolved run (deployment options from ``plan.serve``).
+
+    The API token is read here only to fail early (a missing token file, a short token); each ingress
+    replica reads it again itself, so it never travels in the deployments' arguments.
+    """
     s = plan.serve
+    auth = Auth.from_config(s)
+    log.info("API writes %s; reads %s", "need the token" if auth.digest else "are disabled (no token configured)",
+             "need the token" if auth.reads else "are open")
     catalogue = Catalogue.options(**deployment_options(s, "catalogue")).bind(plan)
     encoder = Encoder.options(**deployment_options(s, "encoder")).bind(plan)
     assigner = Assigner.options(**deployment_options(s, "assigner")).bind(plan)

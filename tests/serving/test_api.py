@@ -10,9 +10,11 @@ import math
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from api_token import AUTH, TOKEN
 from fastapi.testclient import TestClient
 
 from sidforge.serving.api import LocalBackend, build_api, field_path
+from sidforge.serving.auth import Auth
 from sidforge.serving.plan import ALIGNED, resolve
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -25,7 +27,8 @@ def plan(tiny_run):
 
 @pytest.fixture(scope="module")
 def client(plan):
-    with TestClient(build_api(LocalBackend(plan)), raise_server_exceptions=False) as c:
+    with TestClient(build_api(LocalBackend(plan), Auth.from_token(TOKEN)), raise_server_exceptions=False,
+                    headers=AUTH) as c:
         yield c
 
 
@@ -142,7 +145,7 @@ def test_a_slow_request_is_a_504_and_a_lost_deployment_a_503(plan):
 
 def test_new_item_is_assigned_retrieved_and_ranked_at_once(plan, one_torch_thread):
     backend = LocalBackend(plan)
-    with TestClient(build_api(backend)) as c:
+    with TestClient(build_api(backend, Auth.from_token(TOKEN)), headers=AUTH) as c:
         history, item = _coclicked(plan)
         x = np.mean([_features(plan, i) for i in history], axis=0)
         r = c.post("/items/assign", json={"items": [{"features": {"content": x.tolist()}},

@@ -69,7 +69,7 @@ def test_sidforge_serve_passes_host_port_and_run(tiny_run, monkeypatch, capsys):
 
     monkeypatch.setattr("sidforge.serving.app.serve_run", fake)
     assert main(["serve", str(tiny_run.run_dir), "--config", str(REPO / "configs" / "tiny.yaml"), "--port", "8123",
-                 "--host", "0.0.0.0", "--set", "serve.candidates=30"]) == 0
+                 "--host", "0.0.0.0", "--set", "serve.expose=true", "--set", "serve.candidates=30"]) == 0
     plan = seen["plan"]
     assert plan.serve.port == 8123 and plan.serve.host == "0.0.0.0" and plan.serve.candidates == 30
     assert str(plan.run_dir) == str(Path(tiny_run.run_dir).resolve())

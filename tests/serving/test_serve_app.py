@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import requests
+from api_token import AUTH, TOKEN
 
 from sidforge.serving.plan import resolve
 
@@ -20,7 +21,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def app(ray_cluster, tiny_run):
+def app(ray_cluster, tiny_run, tmp_path_factory):
     from ray import serve
 
     from sidforge.serving.app import APP_NAME, compose
@@ -29,7 +30,10 @@ def app(ray_cluster, tiny_run):
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()
-    cfg = dataclasses.replace(tiny_run, serve=dataclasses.replace(tiny_run.serve, deployments={
+    token_file = tmp_path_factory.mktemp("secret") / "token"
+    token_file.write_text(TOKEN + "\n")
+    token_file.chmod(0o600)
+    cfg = dataclasses.replace(tiny_run, serve=dataclasses.replace(tiny_run.serve, token_file=str(token_file), deployments={
         "ranker": {"num_replicas": 2, "num_cpus": 0.1}}))
     plan = resolve(cfg)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -61,9 +65,9 @@ def test_health_version_and_openapi(app):
 def test_bad_input_over_http_is_a_4xx_and_the_app_keeps_answering(app, path, body, status, field):
     url, plan = app
     if isinstance(body, bytes):
-        r = requests.post(url + path, data=body, headers={"content-type": "application/json"}, timeout=30)
+        r = requests.post(url + path, data=body, headers={"content-type": "application/json", **AUTH}, timeout=30)
     else:
-        r = requests.post(url + path, json=body, timeout=30)
+        r = requests.post(url + path, json=body, headers=AUTH, timeout=30)
     assert r.status_code == status, r.text
     assert r.json()["error"]["field"] == field and r.json()["model_version"] == plan.version
     assert requests.post(f"{url}/rank", json={"history": [1], "candidates": [2]}, timeout=30).status_code == 200
@@ -80,7 +84,7 @@ def test_a_new_item_is_recommended_for_a_history_of_its_co_clicked_items(app):
     history = sorted(partners[item])  # the items the new one will be co-clicked with
     feats = pq.read_table(plan.run_dir / "embed" / "item_embeddings.parquet", columns=["emb_content"])
     x = np.mean([feats.column("emb_content")[i].as_py() for i in history], axis=0)
-    r = requests.post(f"{url}/items/assign", json={"items": [{"features": {"content": x.tolist()}}]}, timeout=30)
+    r = requests.post(f"{url}/items/assign", json={"items": [{"features": {"content": x.tolist()}}]}, headers=AUTH, timeout=30)
     assert r.status_code == 200, r.text
     new = r.json()["items"][0]["item_id"]
     assert new >= plan.num_items
@@ -98,7 +102,7 @@ def test_concurrent_assignments_are_batched_and_get_distinct_ids(app):
 
     def one(k: int) -> requests.Response:
         items = [{"features": {"content": rng.normal(size=16).tolist()}} for _ in range(1 + k % 3)]
-        return requests.post(f"{url}/items/assign", json={"items": items}, timeout=60)
+        return requests.post(f"{url}/items/assign", json={"items": items}, headers=AUTH, timeout=60)
 
     with cf.ThreadPoolExecutor(8) as pool:
         responses = list(pool.map(one, range(16)))
@@ -139,3 +143,51 @@ def test_killing_a_ranker_replica_loses_no_request_and_a_replacement_starts(app)
     names = replicas()
     assert victim not in names and len(names) == 2, names
     assert all(one(k) == 200 for k in range(4))
+
+
+def test_the_token_guards_writes_on_the_live_app(app):
+    url, plan = app  # the replicas read the token from serve.token_file themselves
+    body = {"items": [{"embedding": [0.5] * 16}]}
+    r = requests.post(f"{url}/items/assign", json=body, timeout=30)
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+    r = requests.post(f"{url}/items/assign", json=body, headers={"Authorization": "Bearer a-wrong-token-xxxxx"},
+                      timeout=30)
+    assert r.status_code == 403 and TOKEN not in r.text
+    assert requests.post(f"{url}/items/assign", json=body, headers=AUTH, timeout=30).status_code == 200
+
+
+def test_fuzzing_the_live_app_finds_no_server_error_and_crashes_no_replica(app):
+    """A short schemathesis run over HTTP against the Serve app (the in-process run in test_fuzz_api.py is
+    the long one): no 5xx, and every deployment keeps its replicas."""
+    import ray
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis.errors import Unsatisfiable
+    from schemathesis import GenerationMode
+
+    url, _ = app
+
+    def replicas() -> list[str]:
+        return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                      if a["name"].startswith("SERVE_REPLICA::"))
+
+    before = replicas()
+    schema = schemathesis.openapi.from_url(f"{url}/openapi.json")
+    sent = 0
+    for operation in (result.ok() for result in schema.get_all_operations()):
+        for mode in GenerationMode:
+            @given(case=operation.as_strategy(generation_mode=mode))
+            @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+            def run(case) -> None:
+                nonlocal sent
+                response = case.call(base_url=url, headers=AUTH, timeout=30)
+                sent += 1
+                assert response.status_code < 500, (case.method, case.path, case.body, response.text)
+
+            try:
+                run()
+            except Unsatisfiable:
+                pass
+    assert sent > 60
+    assert requests.get(f"{url}/healthz", timeout=30).json()["status"] == "ok"
+    assert [n.rsplit("#", 1)[0] for n in replicas()] == [n.rsplit("#", 1)[0] for n in before]
