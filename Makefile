@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: $(STAMP)
+	$(VENV)/bin/sidforge data pull amazon-beauty-2014   # verified and skipped when present
 	$(VENV)/bin/sidforge pipeline --config configs/demo.yaml
 	@echo
 	@echo "The report: runs/demo/report.md (plots in runs/demo/report/). Serve the run over HTTP with:"
