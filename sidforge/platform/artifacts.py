@@ -23,6 +23,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from sidforge.platform.schemas import DataError
+
 log = logging.getLogger(__name__)
 
 MANIFEST_VERSION = 1
@@ -65,6 +67,68 @@ def fingerprint_files(paths: list[Path], root: Path | None = None) -> dict[str, 
 def fingerprint_tree(folder: Path) -> dict[str, str]:
     """Fingerprints of every file under ``folder``, keyed by relative path."""
     return fingerprint_files([p for p in folder.rglob("*") if p.is_file()], root=folder)
+
+
+def first_difference(recorded: dict[str, str], actual: dict[str, str]) -> str | None:
+    """The first file (in path order) whose fingerprint differs between two :func:`fingerprint_tree`
+    results, said in words (``model.pt was modified``); ``None`` when they are equal."""
+    for name in sorted(set(recorded) | set(actual)):
+        if name not in actual:
+            return f"{name} is missing"
+        if name not in recorded:
+            return f"{name} was added"
+        if recorded[name] != actual[name]:
+            return f"{name} was modified"
+    return None
+
+
+def inside(root: str | Path, path: str | Path, field: str) -> Path:
+    """``path`` resolved (symlinks and ``..`` followed), refused unless it lies in ``root`` (resolved too).
+
+    Args:
+        root: the folder ``path`` must stay in.
+        path: the path to check; a relative one is taken from the working directory, so join a path
+            that is relative to ``root`` onto it first (``root / name``; an absolute ``name`` wins).
+        field: what named ``path`` (``serve.sids``), for the error.
+
+    Returns:
+        The resolved path.
+
+    Raises:
+        DataError: ``path`` leaves ``root``; the message names ``field``.
+    """
+    base = Path(root).expanduser().resolve()
+    resolved = Path(path).expanduser().resolve()
+    if not resolved.is_relative_to(base):
+        raise DataError(f"{field}: {path} resolves to {resolved}, outside {base}; point {field} at a path inside "
+                        f"{base} (no absolute path elsewhere, no '..' or symlink leading out)")
+    return resolved
+
+
+def load_torch_file(path: Path, fix: str, map_location: Any = "cpu") -> Any:
+    """A ``torch.save`` file loaded with ``weights_only=True``: tensors and plain values only, never code.
+
+    A pickle payload planted in the file (an object whose ``__reduce__`` runs something) is refused by
+    torch's restricted unpickler before anything runs.
+
+    Args:
+        path: the file.
+        fix: what to do when it cannot be loaded (``re-run `sidforge train ranker```).
+        map_location: where the tensors land.
+
+    Raises:
+        DataError: the file is missing, truncated, foreign or holds more than tensors and plain values;
+            the message names the file and ``fix``.
+    """
+    import torch
+
+    if not path.is_file():
+        raise DataError(f"{path} not found; {fix}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # UnpicklingError for a refused object, RuntimeError/EOFError for a broken file
+        raise DataError(f"{path}: cannot be loaded as tensors and plain values ({_load_reason(e)}); the file is "
+                        f"damaged or was not written by sidforge; {fix}") from None
 
 
 @dataclass
@@ -115,6 +179,28 @@ class RunDir:
             tmp = self.manifest_path.with_suffix(f".tmp-{uuid.uuid4().hex[:8]}")
             tmp.write_text(manifest.model_dump_json(indent=2))
             os.replace(tmp, self.manifest_path)
+
+    def check_outputs(self, stage: str, fix: str) -> None:
+        """Refuse ``stage`` when its files no longer match the fingerprints recorded when it finished.
+
+        A stage without a manifest entry (written by hand, or by an older version) is not checked.
+
+        Args:
+            stage: the stage folder, relative to the run directory.
+            fix: how to rebuild it, for the error.
+
+        Raises:
+            DataError: a file was modified, removed or added; the message names the stage and the file.
+        """
+        entry = self.read_manifest().stages.get(stage)
+        if entry is None:
+            return
+        folder = self.stage_dir(stage)
+        actual = fingerprint_tree(folder) if folder.is_dir() else {}
+        diff = first_difference(entry.outputs, actual)
+        if diff is not None:
+            raise DataError(f"{stage}: {diff} in {folder} since the stage finished (its files no longer match the "
+                            f"fingerprints in {self.manifest_path}); {fix}")
 
     def is_current(self, stage: str, config_hash: str, inputs: dict[str, str]) -> bool:
         """True when ``stage`` ran with this config and these inputs and its outputs are intact."""
@@ -168,14 +254,22 @@ class RunDir:
             os.replace(tmp, final)
 
 
+def _load_reason(e: Exception) -> str:
+    """The gist of a ``torch.load`` failure, without torch's advice to retry with ``weights_only=False``."""
+    text = str(e)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+        text = text.split(". Please use", 1)[0]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return f"{type(e).__name__}: {lines[0] if lines else 'no detail'}"
+
+
 def now_iso() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
 def prepare_fingerprints(run: RunDir) -> dict[str, str]:
     """Fingerprints of what the trainers read from ``RUN/prepare`` (interactions and item_stats)."""
-    from sidforge.platform.schemas import DataError
-
     prep = run.stage_dir("prepare")
     inter = prep / "interactions"
     if not inter.is_dir() or not (prep / "item_stats.parquet").is_file():
@@ -186,8 +280,6 @@ def prepare_fingerprints(run: RunDir) -> dict[str, str]:
 
 def sids_fingerprints(run: RunDir, sids: Path) -> dict[str, str]:
     """Fingerprint of a tokenizer's ``sids.parquet`` (relative to the run when it lies inside it)."""
-    from sidforge.platform.schemas import DataError
-
     if not (sids / "sids.parquet").is_file():
         raise DataError(f"{sids / 'sids.parquet'} not found; run `sidforge tokenize` first or point --sids "
                         "at a RUN/tokenize-<name> folder")

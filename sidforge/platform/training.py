@@ -24,7 +24,8 @@ What the runner guarantees, in both modes:
   and ``progress.json`` (epoch, metric history, early-stopping state) to
   ``{storage_path}/{name}/epoch_NNNN/``. Ray Train V2 keeps only metrics that come with a checkpoint,
   so every report carries one; ``checkpoints_to_keep`` bounds the disk (the best and the latest
-  checkpoints are always kept).
+  checkpoints are always kept). ``state.pt`` holds tensors and plain values only and is read back with
+  ``weights_only=True`` (no pickled code runs on resume); ``progress.json`` is JSON.
 - **Resume.** A worker failure is retried ``max_failures`` times from the latest checkpoint
   (``FailureConfig``). A new :func:`fit` with the **same** ``name`` and ``storage_path`` resumes the
   earlier run from its latest checkpoint too: this is deliberate, so a stage killed mid-training
@@ -53,6 +54,7 @@ import math
 import re
 import shutil
 import tempfile
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -62,6 +64,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from torch import nn
+
+from sidforge.platform.artifacts import load_torch_file
+from sidforge.platform.schemas import DataError
 
 log = logging.getLogger(__name__)
 
@@ -229,8 +234,22 @@ def checkpoint_dir_name(epoch: int) -> str:
 
 
 def load_state(checkpoint: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """The state saved by ``ctx.report``'s ``state_fn`` in a checkpoint folder."""
-    return torch.load(Path(checkpoint) / STATE_FILE, map_location=map_location, weights_only=False)
+    """The state saved by ``ctx.report``'s ``state_fn`` in a checkpoint folder.
+
+    Loaded with ``weights_only=True``: a checkpoint holds tensors and plain values only (see
+    :meth:`WorkerContext.report`), so a planted pickle payload is refused, never run.
+
+    Raises:
+        DataError: ``state.pt`` is missing, damaged or holds anything else; the message names it and says
+            to delete the run's checkpoints, so that the stage starts afresh.
+    """
+    path = Path(checkpoint) / STATE_FILE
+    fix = (f"delete the training run {path.parent.parent} (or pass fresh=True) and re-run the stage, which then "
+           "trains from scratch")
+    state = load_torch_file(path, fix, map_location=map_location)
+    if not isinstance(state, dict):
+        raise DataError(f"{path}: expected a dict of states, got {type(state).__name__}; {fix}")
+    return state
 
 
 def remove_run(run: RunSettings) -> None:
@@ -366,14 +385,19 @@ class WorkerContext:
             epoch: the epoch just finished.
             metrics: scalar metrics (rank 0's are kept); include ``RunSettings.monitor`` on the epochs
                 that were evaluated.
-            state_fn: returns the state to save (model, optimiser, ...); called on rank 0 only.
+            state_fn: returns the state to save (model, optimiser, ...); called on rank 0 only. A dict of
+                tensors and plain values (numbers, strings, ``None``, lists, tuples and dicts of them, as
+                ``state_dict()`` gives): checkpoints are loaded with ``weights_only=True``, so numpy arrays
+                and custom objects are refused here, when saved, rather than on resume.
         """
         row = {"epoch": int(epoch), **{k: _scalar(v) for k, v in metrics.items()}}
         was_stopped = self.should_stop
         self._update_progress(epoch, row)
         with tempfile.TemporaryDirectory(prefix="sidforge-ckpt-") as tmp:
             if self.rank == 0:
-                torch.save(state_fn(), Path(tmp) / STATE_FILE)
+                state = state_fn()
+                _check_plain(state, "state")
+                torch.save(state, Path(tmp) / STATE_FILE)
                 (Path(tmp) / PROGRESS_FILE).write_text(json.dumps(self._progress.__dict__))
                 log.info("%s epoch %d: %s", self._run.name, epoch, _fmt(row))
             if self._local:
@@ -479,6 +503,30 @@ class _MethodModule(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return getattr(self.model, self.method)(*args, **kwargs)
+
+
+# What torch.load(weights_only=True) reads back. Exact types: a numpy float64 is a float, a defaultdict a
+# dict, yet neither loads.
+_PLAIN = (str, bytes, int, float, complex, bool, type(None), torch.dtype, torch.device, torch.Size)
+_MAPPINGS = (dict, OrderedDict)
+_SEQUENCES = (list, tuple, set)
+
+
+def _check_plain(obj: Any, where: str) -> None:
+    """Refuse what ``torch.load(weights_only=True)`` could not read back (``where`` names the key path)."""
+    if isinstance(obj, torch.Tensor) or type(obj) in _PLAIN:
+        return
+    if type(obj) in _MAPPINGS:
+        for k, v in obj.items():
+            _check_plain(k, f"{where} key {k!r}")
+            _check_plain(v, f"{where}[{k!r}]")
+    elif type(obj) in _SEQUENCES:
+        for i, v in enumerate(obj):
+            _check_plain(v, f"{where}[{i}]")
+    else:
+        raise TypeError(f"checkpoint {where}: a {type(obj).__module__}.{type(obj).__qualname__} cannot be saved; a "
+                        "checkpoint holds tensors and plain values only (torch.from_numpy(a) for an array, float(x) "
+                        "for a numpy number, a plain dict for an object)")
 
 
 def _scalar(v: Any) -> Any:

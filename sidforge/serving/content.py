@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from sidforge.platform.artifacts import load_torch_file
+from sidforge.platform.schemas import DataError
 from sidforge.serving.errors import BadInput
 from sidforge.serving.plan import ALIGNED, ServingPlan
 
@@ -160,15 +162,25 @@ class ContentModel:
         return [{"text": _unit(row) if self.plan.embed.normalize else row} for row in emb]
 
 
+def load_align_file(plan: ServingPlan) -> dict[str, Any]:
+    """``RUN/align/model.pt``: ``{"mode", "config", "state_dict"}`` (tensors and plain values only: loaded
+    with ``weights_only=True``)."""
+    assert plan.align_dir is not None
+    path = plan.align_dir / "model.pt"
+    fix = "re-run `sidforge train align`"
+    saved = load_torch_file(path, fix)
+    if not isinstance(saved, dict) or not {"config", "state_dict"} <= set(saved):
+        raise DataError(f"{path}: expected a dict with config and state_dict; {fix}")
+    return saved
+
+
 def load_clip_aligner(plan: ServingPlan) -> tuple[Any, Any]:
     """``(tokenizer, OpenClipAligner)`` of an ``align.mode=open_clip`` run: the base model, then the tuned blocks."""
-    import torch
-
     from sidforge.models.align import OpenClipAligner
     from sidforge.models.encoders import EncoderSpec, build_encoder
 
     assert plan.align_dir is not None
-    saved = torch.load(plan.align_dir / "model.pt", map_location="cpu", weights_only=True)
+    saved = load_align_file(plan)
     config = saved["config"]
     enc = build_encoder(EncoderSpec(**config["spec"]))
     aligner = OpenClipAligner(enc.model, config["train_blocks"], config["temperature"],  # type: ignore[attr-defined]
@@ -186,8 +198,6 @@ class CodeAssigner:
     """
 
     def __init__(self, plan: ServingPlan) -> None:
-        import torch
-
         from sidforge.models.align import FeatureAligner, FeatureAlignerConfig
         from sidforge.stages.tokenize import load_tokenizer
 
@@ -196,7 +206,7 @@ class CodeAssigner:
         self.tokenizer = load_tokenizer(plan.sids_dir) if self.space is not None else None
         self.aligner: FeatureAligner | None = None
         if plan.align_dir is not None and plan.align_mode == "features":
-            saved = torch.load(plan.align_dir / "model.pt", map_location="cpu", weights_only=True)
+            saved = load_align_file(plan)
             self.aligner = FeatureAligner(FeatureAlignerConfig(**saved["config"]))
             self.aligner.load_state_dict(saved["state_dict"])
             self.aligner.eval()

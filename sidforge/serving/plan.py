@@ -18,6 +18,7 @@ output fingerprints) of every stage the server reads; a retrained stage gives a 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -28,7 +29,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from sidforge.platform.artifacts import RunDir, fingerprint_tree
+from sidforge.platform.artifacts import RunDir, fingerprint_tree, inside, load_torch_file
 from sidforge.platform.config import Config, EmbedConfig, ServeConfig
 from sidforge.platform.schemas import DataError
 
@@ -107,25 +108,41 @@ class ServingPlan:
 def resolve(cfg: Config, run_dir: str | Path | None = None) -> ServingPlan:
     """Resolve ``run_dir`` (default ``cfg.run_dir``) for serving with ``cfg.serve``.
 
+    Every stage folder the server reads must lie in the run directory (and the run directory and
+    ``serve.catalogue_log`` in ``serve.artifact_root`` when it is set), and a stage with a manifest entry
+    must still hold the files the entry fingerprinted; both are checked before a file of it is read.
+
     Raises:
-        DataError: a stage the server needs is missing or inconsistent; the message names it and
-            the command that makes it.
+        DataError: a stage the server needs is missing, inconsistent, modified since it finished, or a
+            path leaves the run directory or the artifact root; the message names the stage or the field
+            and the command that makes it.
     """
-    run = RunDir(run_dir or cfg.run_dir)
     s = cfg.serve
+    run = RunDir(inside(s.artifact_root, run_dir or cfg.run_dir, "run_dir") if s.artifact_root
+                 else run_dir or cfg.run_dir)
     if not run.path.is_dir():
         raise DataError(f"run directory {run.path} not found; run the pipeline first (sidforge prepare ...)")
-    num_items = _num_items(run)
-    ranker_dir = run.stage_dir(s.ranker)
+    if s.artifact_root and s.catalogue_log:  # the path checked is the path the catalogue opens
+        s = dataclasses.replace(s, catalogue_log=str(inside(s.artifact_root, s.catalogue_log, "serve.catalogue_log")))
+    ranker_dir = _stage_folder(run, s.ranker, "serve.ranker")
     if not (ranker_dir / "model.pt").is_file():
         found = sorted(p.name for p in run.path.glob("ranker*") if (p / "model.pt").is_file())
         raise DataError(f"serve.ranker: {ranker_dir}/model.pt not found (rankers in this run: "
                         f"{', '.join(found) or 'none'}); train one with `sidforge train ranker`")
+    align_dir = _stage_folder(run, "align", "RUN/align")
+    align_dir = align_dir if (align_dir / "model.pt").is_file() else None
+    embed_dir = _stage_folder(run, "embed", "RUN/embed")
+    used = [_stage_folder(run, "prepare", "RUN/prepare"), embed_dir, *([align_dir] if align_dir else []), ranker_dir]
+    _check_outputs(run, used)  # before a file of theirs is read, the ranker's model.pt first
+    num_items = _num_items(run)
     ranker_meta = load_ranker_file(ranker_dir)
     sids_dir = _sids_dir(run, s, ranker_meta, cfg)
+    generative_dir = _generative_dir(run, s, sids_dir)
+    _check_outputs(run, [sids_dir, *([generative_dir] if generative_dir else [])])
+    used += [sids_dir, *([generative_dir] if generative_dir else [])]
+    _check_catalogue_log(s, used)
     tok_meta = json.loads((sids_dir / "tokenizer.json").read_text())
-    align_dir = run.stage_dir("align") if (run.stage_dir("align") / "model.pt").is_file() else None
-    embed_dims = _dims(run.stage_dir("embed") / EMBEDDINGS)
+    embed_dims = _dims(embed_dir / EMBEDDINGS)
     aligned_dim, align_modalities, align_mode = 0, (), ""
     if align_dir is not None:
         aligned_dim = _dims(align_dir / EMBEDDINGS).get(ALIGNED, 0)
@@ -136,15 +153,7 @@ def resolve(cfg: Config, run_dir: str | Path | None = None) -> ServingPlan:
     tok_space, tok_note = _tokenizer_space(tok_meta, embed_dims, aligned_dim)
     ranker_space = _ranker_space(run, ranker_meta, embed_dims, aligned_dim, num_items)
     retrieval_space = _retrieval_space(s, embed_dims, aligned_dim)
-    generative_dir = None
-    if s.retriever == "generative":
-        generative_dir = run.stage_dir(s.generative or f"generative-{sids_dir.name.removeprefix('tokenize-')}")
-        if not (generative_dir / "model.json").is_file():
-            raise DataError(f"serve.retriever=generative: {generative_dir}/model.json not found; train it with "
-                            f"`sidforge train generative --sids {sids_dir}` or set serve.generative")
-    used = ["prepare", "embed", *(["align"] if align_dir else []), sids_dir.name, s.ranker,
-            *([generative_dir.name] if generative_dir else [])]
-    version, stages = _version(run, used, s.ranker)
+    version, stages = _version(run, [_stage_name(run, d) for d in used], s.ranker)
     _check_embed_config(run, cfg.embed)
     return ServingPlan(run_dir=run.path, serve=s, embed=cfg.embed, num_items=num_items, ranker_dir=ranker_dir,
                        sids_dir=sids_dir, align_dir=align_dir, generative_dir=generative_dir, embed_dims=embed_dims,
@@ -155,16 +164,13 @@ def resolve(cfg: Config, run_dir: str | Path | None = None) -> ServingPlan:
 
 
 def load_ranker_file(ranker_dir: Path) -> dict[str, Any]:
-    """``model.pt`` of a ranker stage: ``{"format", "config", "sids", "state_dict"}``."""
-    import torch
-
+    """``model.pt`` of a ranker stage: ``{"format", "config", "sids", "state_dict"}`` (tensors and plain
+    values only: loaded with ``weights_only=True``)."""
     path = ranker_dir / "model.pt"
-    try:
-        meta = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated or foreign file
-        raise DataError(f"{path}: not a ranker model file ({e}); re-run `sidforge train ranker`") from e
+    fix = "re-run `sidforge train ranker`"
+    meta = load_torch_file(path, fix)
     if not isinstance(meta, dict) or not {"config", "state_dict"} <= set(meta):
-        raise DataError(f"{path}: expected a dict with config and state_dict; re-run `sidforge train ranker`")
+        raise DataError(f"{path}: expected a dict with config and state_dict; {fix}")
     return meta
 
 
@@ -202,12 +208,60 @@ def _num_items(run: RunDir) -> int:
     return pq.read_metadata(path).num_rows
 
 
+def _stage_folder(run: RunDir, name: str, field: str) -> Path:
+    """The stage folder ``name`` (relative to the run), resolved; refused when it leaves the run directory."""
+    return inside(run.path, run.path / name, field)
+
+
+def _stage_name(run: RunDir, folder: Path) -> str:
+    """A resolved stage folder's name in the manifest (its path relative to the run)."""
+    return folder.relative_to(run.path).as_posix()
+
+
+def _check_outputs(run: RunDir, folders: list[Path]) -> None:
+    """Refuse stage folders whose files differ from their manifest fingerprints (see :meth:`RunDir.check_outputs`)."""
+    for folder in folders:
+        name = _stage_name(run, folder)
+        command = _STAGE_COMMANDS.get(name.split("-", 1)[0], "")
+        how = f"`{command}`" if command else "the stage that writes it"
+        run.check_outputs(name, f"re-run {how} to rebuild RUN/{name} (`sidforge pipeline` rebuilds every "
+                                "stage whose files changed)")
+
+
+_STAGE_COMMANDS = {"prepare": "sidforge prepare", "embed": "sidforge embed", "align": "sidforge train align",
+                   "tokenize": "sidforge tokenize", "ranker": "sidforge train ranker",
+                   "generative": "sidforge train generative"}
+
+
+def _check_catalogue_log(s: ServeConfig, folders: list[Path]) -> None:
+    """A catalogue log inside a fingerprinted stage folder would make the stage fail its check on restart."""
+    if not s.catalogue_log:
+        return
+    log_path = Path(s.catalogue_log).expanduser().resolve()
+    for folder in folders:
+        if log_path.is_relative_to(folder):
+            raise DataError(f"serve.catalogue_log: {log_path} lies in the stage folder {folder}, whose files are "
+                            "checked against the manifest; put the log outside the stage folders")
+
+
 def _sids_dir(run: RunDir, s: ServeConfig, ranker_meta: dict[str, Any], cfg: Config) -> Path:
-    name = s.sids or ranker_meta.get("sids") or cfg.tokenize.output_name
-    path = Path(name) if Path(name).is_absolute() else run.path / name
+    field = ("serve.sids" if s.sids else "the sids folder recorded in the ranker's model.pt (serve.sids overrides it)"
+             if ranker_meta.get("sids") else "serve.sids (empty: the tokenize stage's folder)")
+    path = _stage_folder(run, s.sids or ranker_meta.get("sids") or cfg.tokenize.output_name, field)
     if not (path / "tokenizer.json").is_file() or not (path / "sids.parquet").is_file():
         raise DataError(f"serve.sids: {path} has no tokenizer.json and sids.parquet; run `sidforge tokenize` "
                         "or point serve.sids at a tokenize-<name> folder")
+    return path
+
+
+def _generative_dir(run: RunDir, s: ServeConfig, sids_dir: Path) -> Path | None:
+    if s.retriever != "generative":
+        return None
+    name = s.generative or f"generative-{sids_dir.name.removeprefix('tokenize-')}"
+    path = _stage_folder(run, name, "serve.generative")
+    if not (path / "model.json").is_file():
+        raise DataError(f"serve.retriever=generative: {path}/model.json not found; train it with "
+                        f"`sidforge train generative --sids {sids_dir}` or set serve.generative")
     return path
 
 

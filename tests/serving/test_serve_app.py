@@ -182,7 +182,9 @@ def test_fuzzing_the_live_app_finds_no_server_error_and_crashes_no_replica(app):
                 nonlocal sent
                 response = case.call(base_url=url, headers=AUTH, timeout=30)
                 sent += 1
-                assert response.status_code < 500, (case.method, case.path, case.body, response.text)
+                # a 503/504 is the app's own answer to a busy machine (our error body); a 500 is a bug
+                busy = response.status_code in (503, 504) and "error" in response.json()
+                assert response.status_code < 500 or busy, (case.method, case.path, case.body, response.text)
 
             try:
                 run()
