@@ -23,7 +23,8 @@ from __future__ import annotations
 import csv
 import json
 import logging
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,6 +97,33 @@ def _find_one(folder: Path, pattern: str, what: str) -> Path:
     return _require(hits[0], what)
 
 
+_INT64_MAX = 2**63 - 1
+
+
+def _text_lines(path: Path, newline: str | None = None) -> Iterator[tuple[int, str]]:
+    """Numbered lines of a UTF-8 text file; a line that is not UTF-8 is an error naming it."""
+    with path.open(encoding="utf-8", errors="surrogateescape", newline=newline) as fh:
+        for lineno, line in enumerate(fh, start=1):
+            try:
+                line.encode("utf-8")  # undecodable bytes were kept as lone surrogates
+            except UnicodeEncodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid UTF-8 text; save the file as UTF-8") from e
+            yield lineno, line
+
+
+def _index(tok: str) -> int | None:
+    """The value of a non-negative int64 token written in ASCII digits; None for anything else."""
+    # '²'.isdigit() is True but int('²') fails, and Arrow's int64 stops at 2**63 - 1
+    return int(tok) if tok.isascii() and tok.isdigit() and int(tok) <= _INT64_MAX else None
+
+
+def _check_unique(path: Path, names: list[str]) -> None:
+    dups = [name for name, k in Counter(names).items() if k > 1]
+    if dups:
+        raise DataError(f"{path}: column {dups[0]!r} appears {names.count(dups[0])} times; "
+                        "give each column a unique name")
+
+
 def _load_json(path: Path) -> object:
     try:
         return json.loads(_require(path, "JSON file").read_text())
@@ -128,22 +156,22 @@ def read_sequence_file(path: Path) -> pa.Table:
     """Parse an S3-Rec sequence file: each line ``user item item …`` (ints, chronological)."""
     _require(path, "sequence file")
     users, items, positions = [], [], []
-    with path.open() as fh:
-        for lineno, line in enumerate(fh, start=1):
-            tokens = line.split()
-            if not tokens:
-                raise DataError(f"{path}:{lineno}: empty line (expected 'user item item ...')")
-            if len(tokens) < 2:
-                raise DataError(f"{path}:{lineno}: field 'items': user {tokens[0]!r} has no items")
-            for col, tok in enumerate(tokens):
-                if not tok.isdigit():
-                    field_name = "user" if col == 0 else f"item #{col}"
-                    raise DataError(f"{path}:{lineno}: field {field_name!r}: {tok!r} is not a non-negative integer")
-            user = int(tokens[0])
-            seq = [int(t) for t in tokens[1:]]
-            users.extend([user] * len(seq))
-            items.extend(seq)
-            positions.extend(range(len(seq)))
+    for lineno, line in _text_lines(path):
+        tokens = line.split()
+        if not tokens:
+            raise DataError(f"{path}:{lineno}: empty line (expected 'user item item ...')")
+        if len(tokens) < 2:
+            raise DataError(f"{path}:{lineno}: field 'items': user {tokens[0]!r} has no items")
+        values = [_index(tok) for tok in tokens]
+        for col, (tok, value) in enumerate(zip(tokens, values)):
+            if value is None:
+                field_name = "user" if col == 0 else f"item #{col}"
+                raise DataError(f"{path}:{lineno}: field {field_name!r}: {tok!r} is not a non-negative integer "
+                                "(int64)")
+        user, seq = values[0], values[1:]
+        users.extend([user] * len(seq))
+        items.extend(seq)
+        positions.extend(range(len(seq)))
     if not users:
         raise DataError(f"{path}: file is empty (sequence file)")
     return pa.table(
@@ -235,16 +263,15 @@ def load_s3rec(folder: Path) -> RawSource:
 
 def _read_tsv(path: Path, expected: list[str]) -> list[list[str]]:
     _require(path, "RecBole atomic file")
-    with path.open(newline="") as fh:
-        header = fh.readline().rstrip("\n").split("\t")
-        names = [h.split(":")[0] for h in header]
-        if names[: len(expected)] != expected:
-            raise DataError(f"{path}:1: header {header} does not start with fields {expected}")
-        rows = []
-        for lineno, line in enumerate(fh, start=2):
-            parts = line.rstrip("\n").split("\t")
-            if len(parts) < len(expected):
-                raise DataError(f"{path}:{lineno}: expected {len(expected)} tab-separated fields {expected}, got {len(parts)}")
+    rows = []
+    for lineno, line in _text_lines(path, newline=""):
+        parts = line.rstrip("\n").split("\t")
+        if lineno == 1:
+            if [h.split(":")[0] for h in parts][: len(expected)] != expected:
+                raise DataError(f"{path}:1: header {parts} does not start with fields {expected}")
+        elif len(parts) < len(expected):
+            raise DataError(f"{path}:{lineno}: expected {len(expected)} tab-separated fields {expected}, got {len(parts)}")
+        else:
             rows.append(parts)
     if not rows:
         raise DataError(f"{path}: file has a header but no rows")
@@ -252,13 +279,19 @@ def _read_tsv(path: Path, expected: list[str]) -> list[list[str]]:
 
 
 def _read_index(path: Path) -> dict[str, int]:
-    out = {}
-    with _require(path, "RecBole index file").open() as fh:
-        for lineno, line in enumerate(fh, start=1):
-            parts = line.rstrip("\n").split("\t")
-            if len(parts) != 2 or not parts[1].isdigit():
-                raise DataError(f"{path}:{lineno}: expected 'token<TAB>index', got {line.strip()!r}")
-            out[parts[0]] = int(parts[1])
+    out: dict[str, int] = {}
+    first_line: dict[tuple[str, object], int] = {}  # a repeated token or index would lose an item or a user
+    for lineno, line in _text_lines(_require(path, "RecBole index file")):
+        parts = line.rstrip("\n").split("\t")
+        index = _index(parts[1]) if len(parts) == 2 else None
+        if index is None:
+            raise DataError(f"{path}:{lineno}: expected 'token<TAB>index', got {line.strip()!r}")
+        for key, what in ((("token", parts[0]), f"token {parts[0]!r}"), (("index", index), f"index {index}")):
+            if key in first_line:
+                raise DataError(f"{path}:{lineno}: {what} is already on line {first_line[key]}; "
+                                "each token and each index must appear once")
+            first_line[key] = lineno
+        out[parts[0]] = index
     return out
 
 
@@ -269,47 +302,66 @@ def _recbole_sequences(folder: Path, stem: str) -> tuple[dict[int, list[int]], l
     shortest history plus every row's target, chained by :func:`_chain_rows`, give the sequence.
     """
     def to_int(path: Path, lineno: int, field_name: str, tok: str) -> int:
-        if not tok.isdigit():
+        value = _index(tok)
+        if value is None:
             raise DataError(f"{path}:{lineno}: field {field_name!r}: {tok!r} is not an integer index")
-        return int(tok)
+        return value
 
     paths = [folder / f"{stem}.{part}.inter" for part in ("train", "valid", "test")]
-    per_user: dict[int, list[tuple[list[int], int]]] = {}
-    last: dict[str, dict[int, int]] = {"valid": {}, "test": {}}
+    train: dict[int, list[tuple[list[int], int]]] = {}
+    last: dict[str, dict[int, tuple[list[int], int]]] = {"valid": {}, "test": {}}
     for path, part in zip(paths, ("train", "valid", "test")):
         for lineno, row in enumerate(_read_tsv(path, ["user_id", "item_id_list", "item_id"]), start=2):
             user = to_int(path, lineno, "user_id", row[0])
             hist = [to_int(path, lineno, "item_id_list", t) for t in row[1].split()]
             target = to_int(path, lineno, "item_id", row[2])
-            per_user.setdefault(user, []).append((hist, target))
-            if part != "train":
-                last[part][user] = target
+            if part == "train":
+                train.setdefault(user, []).append((hist, target))
+            elif user in last[part]:
+                raise DataError(f"{path}:{lineno}: user index {user} has a second row; the {part} file holds "
+                                "one row per user")
+            else:
+                last[part][user] = (hist, target)
+    for user in [*train, *last["valid"]]:  # a user left out of the test file would be dropped
+        if user not in last["test"]:
+            raise DataError(f"{paths[2]}: user index {user} has rows in {paths[0].name} or {paths[1].name} "
+                            "but no test row")
     seqs = {}
-    for user in last["test"]:
+    for user, test in last["test"].items():
         if user not in last["valid"]:
             raise DataError(f"{paths[2]}: user index {user} has a test row but no valid row in {paths[1].name}")
-        seqs[user] = _chain_rows(per_user[user], f"{paths[0].name}/valid/test: user index {user}")
+        seqs[user] = _chain_rows(train.get(user, []), last["valid"][user], test,
+                                 f"{paths[0].name}/valid/test: user index {user}")
     return seqs, paths
 
 
-def _chain_rows(rows: list[tuple[list[int], int]], where: str) -> list[int]:
+def _chain_rows(train: list[tuple[list[int], int]], valid: tuple[list[int], int], test: tuple[list[int], int],
+                where: str) -> list[int]:
     """Order one user's (history, target) rows into their sequence.
 
     Histories are cut to their last items (RecBole's MAX_ITEM_LIST_LENGTH, 50 for UniSRec's files), so
     rows of a long user share one history length and length alone cannot order them: each step
-    appends the target of the row whose history is the end of the sequence built so far.
+    appends the target of the train row whose history is the end of the sequence built so far. The
+    valid and test rows come last whatever their history: when it repeats an earlier window, their
+    targets must not be taken for a train row's.
     """
+    rows = [*train[::-1], valid, test]  # oldest first: train rows are newest first
     longest = max(len(h) for h, _ in rows)
     targets: dict[tuple[int, ...], list[int]] = {}
-    for hist, target in rows:
+    for hist, target in train:
         targets.setdefault(tuple(hist), []).append(target)
-    seq = list(min(rows, key=lambda r: len(r[0]))[0])
-    for _ in rows:
+    seq = list(min(rows, key=lambda r: len(r[0]))[0])  # the oldest of the shortest (all are 1 long when the cap is 1)
+    for _ in train:
         nxt = targets.get(tuple(seq[-longest:]))
         if not nxt:
             raise DataError(f"{where}: no row continues the history {seq[-longest:]}; "
                             f"the rows do not chain into one sequence")
         seq.append(nxt.pop())  # rows are newest first, so a repeated history's oldest target is last
+    for part, (hist, target) in (("valid", valid), ("test", test)):
+        if tuple(hist) != tuple(seq[-longest:]):
+            raise DataError(f"{where}: the {part} row's history {hist} does not end the sequence "
+                            f"{seq[-longest:]}; the rows do not chain into one sequence")
+        seq.append(target)
     return seq
 
 
@@ -357,8 +409,11 @@ def load_recbole(folder: Path, with_features: bool = False) -> RawSource:
 
 def read_feature_matrix(path: Path, rows: int) -> np.ndarray:
     """Raw float32 matrix file with ``rows`` rows; the width is inferred and checked."""
+    size = path.stat().st_size
+    if size % 4:  # np.fromfile would drop the trailing bytes
+        raise DataError(f"{path}: {size} bytes is not a whole number of float32 values (4 bytes each)")
     data = np.fromfile(path, dtype=np.float32)
-    if rows == 0 or data.size % rows:
+    if rows == 0 or data.size == 0 or data.size % rows:
         raise DataError(f"{path}: {data.size} float32 values cannot form {rows} rows (one per item in item2index)")
     matrix = data.reshape(rows, -1)
     bad = ~np.isfinite(matrix).all(axis=1)
@@ -390,11 +445,15 @@ def _files_of(path: Path) -> tuple[list[Path], str]:
 def _schema_of(path: Path, fmt: str) -> pa.Schema:
     try:
         if fmt == "parquet":
-            return pq.read_schema(path)
-        with pacsv.open_csv(path) as reader:
-            return reader.schema
-    except (pa.ArrowInvalid, OSError) as e:
+            schema = pq.read_schema(path)
+        else:
+            with pacsv.open_csv(path) as reader:
+                schema = reader.schema
+        names = schema.names  # decoded here: a CSV header that is not UTF-8 fails only now
+    except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: cannot read as {fmt}: {e}") from e
+    _check_unique(path, names)
+    return schema
 
 
 def _check_columns(path: Path, schema: pa.Schema, checks: dict[str, Callable[[pa.DataType], bool]],
@@ -439,13 +498,21 @@ def load_table(interactions: Path, items: Path | None) -> RawSource:
             _check_columns(f, _schema_of(f, item_fmt), {"item_id": _is_id}, {"item_id": "int or string"})
             tables.append(pq.read_table(f) if item_fmt == "parquet" else pacsv.read_csv(
                 f, convert_options=pacsv.ConvertOptions(strings_can_be_null=True)))
-        item_table = normalise_items(pa.concat_tables(tables, promote_options="default"), item_files[0])
+        try:
+            combined = pa.concat_tables(tables, promote_options="default")
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+            raise DataError(f"{items}: the item files have different types for a column ({e}); "
+                            "give each column one type in every file") from e
+        item_table = normalise_items(combined, item_files[0])
     return RawSource(interactions=[str(f) for f in files], items=item_table, files=all_files,
                      order=order or "position", file_format=fmt, info={"format": "table"})
 
 
 def normalise_items(table: pa.Table, path: Path) -> pa.Table:
     """Bring a user's items table to the canonical content columns (categories as list<string>)."""
+    _check_unique(path, table.column_names)
+    if "item_id" not in table.column_names:
+        raise DataError(f"{path}: missing column 'item_id'; columns present: {table.column_names}")
     columns: dict[str, object] = {}
     for f in ITEM_CONTENT:
         if f.name not in table.column_names:
@@ -461,7 +528,8 @@ def normalise_items(table: pa.Table, path: Path) -> pa.Table:
     for name in table.column_names:
         if name.startswith("feat_"):
             col = table.column(name)
-            if not (pa.types.is_fixed_size_list(col.type) or pa.types.is_list(col.type)):
+            listed = pa.types.is_fixed_size_list(col.type) or pa.types.is_list(col.type)
+            if not (listed and (pa.types.is_floating(col.type.value_type) or pa.types.is_integer(col.type.value_type))):
                 raise DataError(f"{path}: feature column {name!r} must be a list of floats, got {col.type}")
             columns[name] = col
     content = {k: v for k, v in columns.items() if k in ITEM_CONTENT.names}
