@@ -25,6 +25,7 @@ demo: $(STAMP)
 	@echo "The report: runs/demo/report.md (plots in runs/demo/report/). Serve the run over HTTP with:"
 	@echo "  $(VENV)/bin/sidforge serve runs/demo --config configs/demo.yaml"
 	@echo "  curl -s localhost:8000/recommend -H 'content-type: application/json' -d '{\"history\": [1, 2, 3]}'"
+	@echo "(adding items through /items/assign needs an API token: README, Security)"
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check sidforge tests bench

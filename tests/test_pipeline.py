@@ -168,6 +168,8 @@ def _free_port() -> int:
 
 
 def _wait_http(url: str, timeout: float) -> None:
+    """Until ``url`` answers at all (an HTTP error status counts: token auth refuses this probe)."""
+    import urllib.error
     import urllib.request
 
     deadline = time.monotonic() + timeout
@@ -175,18 +177,28 @@ def _wait_http(url: str, timeout: float) -> None:
         try:
             urllib.request.urlopen(url, timeout=2)
             return
+        except urllib.error.HTTPError:
+            return
         except OSError:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.5)
 
 
-def test_ray_job_submit_runs_the_pipeline_on_a_started_cluster(tmp_path: Path):
+def test_ray_job_submit_runs_the_pipeline_on_a_started_cluster_with_token_auth(tmp_path: Path):
+    """Cluster mode as documented: Ray's token authentication on; the job runs, an unauthenticated call
+    to the cluster's API is refused."""
+    import secrets
+    import urllib.error
+    import urllib.request
+
     ray_bin = Path(sys.executable).parent / "ray"
     gcs, dash = _free_port(), _free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+    token = secrets.token_hex(16)
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0",
            "PATH": f"{ray_bin.parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # an activated venv: `python` is ours
     env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_AUTH_TOKEN_PATH", None)
     head = subprocess.Popen([str(ray_bin), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2",
                              "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
                              # every port its own: another Ray on this machine (the session's) holds the defaults
@@ -210,6 +222,12 @@ def test_ray_job_submit_runs_the_pipeline_on_a_started_cluster(tmp_path: Path):
             time.sleep(1)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
         assert "succeeded" in job.stdout + job.stderr
+        jobs = f"http://127.0.0.1:{dash}/api/jobs/"
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(jobs, timeout=10)
+        assert refused.value.code in (401, 403)
+        request = urllib.request.Request(jobs, headers={"Authorization": f"Bearer {token}"})
+        assert urllib.request.urlopen(request, timeout=10).status == 200
     finally:  # the cluster's processes share the session `ray start` leads: stop them all, not `ray stop`
         os.killpg(head.pid, signal.SIGTERM)
         try:
