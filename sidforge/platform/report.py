@@ -351,7 +351,9 @@ def _plot_buckets(stages: list[StageView], path: Path) -> bool:
             vals = np.array([[m.metrics["test"].get(f"{metric}/{b}" if b else metric, np.nan) for b in parts]
                              for m in members], dtype=float)
             err = vals.std(axis=0, ddof=1) if len(members) > 1 else None
-            ax.bar(np.arange(len(parts)) + i * width, np.nanmean(vals, axis=0), width, yerr=err, capsize=2,
+            with np.errstate(all="ignore"):  # a bucket without cases is a gap, not a warning
+                mean = vals.mean(axis=0)
+            ax.bar(np.arange(len(parts)) + i * width, mean, width, yerr=err, capsize=2,
                    label=_variant(name, members))
         ax.set_xticks(np.arange(len(parts)) + 0.4 - width / 2, ["all", *BUCKETS])
         ax.set_ylabel(f"test {metric}")
@@ -439,6 +441,8 @@ def compare(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
     """Several runs side by side: ``OUT/comparison.md`` (one column per run) and ``comparison.png``.
 
     Rows are ``stage: metric`` over the union of the runs' stages; a run without that stage shows "–".
+    A last column gives mean ± std over the runs that have the figure (the benches write one run
+    directory per seed, so this is the seed average of each variant).
     """
     runs = [RunDir(r) for r in run_dirs]
     for r in runs:
@@ -447,10 +451,15 @@ def compare(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
     names = [r.path.name if [x.path.name for x in runs].count(r.path.name) == 1 else str(r.path) for r in runs]
     per_run = [headline_metrics(load_stages(r)) for r in runs]
     keys = list(dict.fromkeys((stage, metric) for h in per_run for stage, ms in h.items() for metric in ms))
-    rows = [(f"{stage}: {metric}", *(fmt(h.get(stage, {}).get(metric)) for h in per_run)) for stage, metric in keys]
+    rows = []
+    for stage, metric in keys:
+        values = [h.get(stage, {}).get(metric) for h in per_run]
+        present = [v for v in values if v is not None]
+        rows.append((f"{stage}: {metric}", *(fmt(v) for v in values),
+                     f"{mean_std(present)} (n={len(present)})" if len(present) > 1 else "–"))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    text = "# Runs side by side\n\n" + md_table(("stage: metric", *names), rows) + "\n"
+    text = "# Runs side by side\n\n" + md_table(("stage: metric", *names, "mean ± std"), rows) + "\n"
     if _plot_comparison(keys, per_run, names, out / "comparison.png"):
         text += "\n![headline metrics per run](comparison.png)\n"
     (out / "comparison.md").write_text(text)
@@ -459,8 +468,9 @@ def compare(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
 
 def _plot_comparison(keys: list[tuple[str, str]], per_run: list[dict[str, dict[str, float]]], names: list[str],
                      path: Path) -> bool:
-    shown = [k for k in keys if k[1] in ("ndcg@10", "auc", "hit@30 after")]
-    if not shown:
+    """One panel per headline metric: a row per stage, a dot per run, the mean ± std as a black bar."""
+    panels = [m for m in ("ndcg@10", "auc", "hit@30 after") if any(k[1] == m for k in keys)]
+    if not panels:
         return False
     import matplotlib
 
@@ -468,13 +478,23 @@ def _plot_comparison(keys: list[tuple[str, str]], per_run: list[dict[str, dict[s
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(shown) * len(names)), 3.6))
-    width = 0.8 / len(names)
-    for i, (name, h) in enumerate(zip(names, per_run)):
-        vals = [h.get(stage, {}).get(metric) for stage, metric in shown]
-        ax.bar(np.arange(len(shown)) + i * width, [np.nan if v is None else v for v in vals], width, label=name)
-    ax.set_xticks(np.arange(len(shown)) + 0.4 - width / 2, [f"{s}\n{m}" for s, m in shown], fontsize=7)
-    ax.legend(fontsize=7)
+    heights = [sum(k[1] == m for k in keys) for m in panels]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(8.0, 1.2 + 0.32 * sum(heights) + 0.6 * len(panels)),
+                             gridspec_kw={"height_ratios": heights}, squeeze=False)
+    for ax, metric in zip(axes[:, 0], panels):
+        stages = [stage for stage, m in keys if m == metric]
+        for y, stage in enumerate(stages):
+            vals = np.array([h.get(stage, {}).get(metric, np.nan) for h in per_run], dtype=float)
+            for j, v in enumerate(vals):
+                ax.plot(v, y, "o", color=f"C{j}", ms=5, alpha=0.8, label=names[j] if y == 0 else None)
+            finite = vals[np.isfinite(vals)]
+            if len(finite) > 1:
+                ax.errorbar(finite.mean(), y, xerr=finite.std(ddof=1), color="k", capsize=3, lw=1.2)
+        ax.set_yticks(range(len(stages)), stages, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel(f"test {metric}" if metric != "hit@30 after" else "i2i hit@30 after alignment")
+        ax.grid(axis="x", alpha=0.3)
+    axes[0, 0].legend(fontsize=7, loc="lower left", bbox_to_anchor=(0.0, 1.0), ncol=min(4, len(names)))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
