@@ -253,6 +253,9 @@ class RQVAEConfig:
         codebook_size: K codes per codebook.
         beta: commitment weight.
         dropout: dropout in the MLPs (0 in TIGER).
+        uniformity: weight of a uniformity term on the unit-normalised latent, log E exp(-2‖ẑ_i − ẑ_j‖²)
+            over the batch's pairs (Wang & Isola, 2020); it spreads near-duplicate items apart so fewer share
+            a whole ID. Our addition, 0 = TIGER.
     """
 
     input_dim: int
@@ -262,8 +265,11 @@ class RQVAEConfig:
     codebook_size: int = 256
     beta: float = 0.25
     dropout: float = 0.0
+    uniformity: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.uniformity < 0:
+            raise ValueError(f"uniformity={self.uniformity} must be >= 0")
         for name in ("input_dim", "latent_dim", "num_levels", "codebook_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be a positive integer")
@@ -280,6 +286,14 @@ class RQVAEOutput:
     loss: Tensor
     codes: Tensor
     metrics: dict[str, Tensor] = field(default_factory=dict)
+
+
+def uniformity(z: Tensor, t: float = 2.0) -> Tensor:
+    """log E_{i≠j} exp(-t ‖ẑ_i − ẑ_j‖²) of the unit-normalised rows of z (B, d): lower = more spread out."""
+    zn = F.normalize(z, dim=1)
+    d2 = torch.cdist(zn, zn).pow(2)  # (B, B)
+    off = ~torch.eye(len(z), dtype=torch.bool, device=z.device)
+    return torch.logsumexp(-t * d2[off], dim=0) - math.log(int(off.sum()))
 
 
 def _mlp(dims: list[int], dropout: float) -> nn.Sequential:
@@ -312,8 +326,12 @@ class RQVAE(nn.Module):
         z_q, codes, rq_loss = self.quantizer(z)
         x_hat = self.decoder(z_q)  # (B, input_dim)
         recon = F.mse_loss(x_hat, x, reduction="none").sum(dim=1).mean()
-        return RQVAEOutput(loss=recon + rq_loss, codes=codes,
-                           metrics={"recon": recon.detach(), "rq": rq_loss.detach()})
+        loss, metrics = recon + rq_loss, {"recon": recon.detach(), "rq": rq_loss.detach()}
+        if self.config.uniformity > 0 and len(z) > 1:
+            u = uniformity(z)
+            loss = loss + self.config.uniformity * u
+            metrics["uniformity"] = u.detach()
+        return RQVAEOutput(loss=loss, codes=codes, metrics=metrics)
 
     def latent(self, x: Tensor) -> Tensor:
         """The vector the codebooks quantize: (B, input_dim) → (B, latent_dim)."""

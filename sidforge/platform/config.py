@@ -316,6 +316,8 @@ class RQVAETrainConfig:
         latent_dim: width of the quantized latent.
         beta: commitment weight.
         dropout: MLP dropout.
+        uniformity: weight of a uniformity term on the normalised latent that spreads near-duplicate items
+            apart, so fewer share a whole ID (our addition; 0 = TIGER's RQ-VAE).
         lr, weight_decay: AdamW.
         batch_size: items per step and per worker.
         epochs: passes over the catalogue.
@@ -331,6 +333,7 @@ class RQVAETrainConfig:
     latent_dim: int = 32
     beta: float = 0.25
     dropout: float = 0.0
+    uniformity: float = 0.0
     lr: float = 1e-3
     weight_decay: float = 0.0
     batch_size: int = 1024

@@ -85,6 +85,8 @@ def configure_data_context(shuffle_partitions: int | None = None) -> None:
 
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = os.environ.get("RAY_DATA_DISABLE_PROGRESS_BARS", "1") != "1"
+    if not ctx.enable_progress_bars:  # off on purpose: no "Progress bars disabled" warning on every run
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     ctx.print_on_execution_start = False
     if hasattr(ctx, "use_datasource_v2"):  # 2.60's new Parquet reader lists files in an actor: ~2 s per read
         ctx.use_datasource_v2 = False

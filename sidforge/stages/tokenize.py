@@ -451,7 +451,7 @@ def fit_rqvae(cfg: Config, run_dir: RunDir, data_dir: Path | None, seed: int, tr
     _check_catalogue(len(x), tcfg)
     model_cfg = RQVAEConfig(input_dim=x.shape[1], hidden=tuple(rcfg.hidden), latent_dim=rcfg.latent_dim,
                             num_levels=tcfg.levels, codebook_size=tcfg.codebook_size, beta=rcfg.beta,
-                            dropout=rcfg.dropout)
+                            dropout=rcfg.dropout, uniformity=rcfg.uniformity)
     train_run = RunSettings(name=train_name,
                             storage_path=run_dir.path / "_train", max_failures=rcfg.max_failures,
                             checkpoints_to_keep=2)

@@ -3,6 +3,7 @@ collision handling and the quality figures (no Ray)."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 
 import numpy as np
@@ -147,3 +148,39 @@ def test_quality_figures_on_a_hand_computed_case():
     assert q["duplicate_rate"] == 0.25 and q["max_group"] == 2
     assert q["unique_prefix"] == [0.0, 0.5]
     assert q["recon_rel"] == pytest.approx(1.0)
+
+
+def test_uniformity_is_lower_for_spread_points_and_separates_near_duplicates():
+    from sidforge.models.quantizers import uniformity
+
+    g = torch.Generator().manual_seed(0)
+    spread = torch.randn(64, 8, generator=g)
+    clumped = torch.randn(1, 8, generator=g) + 0.01 * torch.randn(64, 8, generator=g)
+    assert uniformity(spread) < uniformity(clumped) - 1.0
+    # near-duplicate pairs: training the encoder on the uniformity term alone pulls each pair apart
+    base = torch.randn(16, 8, generator=g)
+    x = torch.cat([base, base + 0.01 * torch.randn(16, 8, generator=g)])
+    enc = torch.nn.Linear(8, 8)
+    opt = torch.optim.Adam(enc.parameters(), lr=0.05)
+    pair = lambda: (torch.nn.functional.normalize(enc(x[:16]), dim=1)  # noqa: E731
+                    - torch.nn.functional.normalize(enc(x[16:]), dim=1)).norm(dim=1).mean()
+    before = pair().item()
+    for _ in range(200):
+        opt.zero_grad()
+        uniformity(enc(x)).backward()
+        opt.step()
+    assert pair().item() > 2 * before
+
+
+def test_rqvae_uniformity_weight_zero_is_tiger_and_positive_adds_the_term():
+    cfg = RQVAEConfig(input_dim=8, hidden=(16,), latent_dim=4, num_levels=2, codebook_size=4)
+    torch.manual_seed(0)
+    plain = RQVAE(cfg)
+    torch.manual_seed(0)
+    spread = RQVAE(dataclasses.replace(cfg, uniformity=0.5))
+    x = torch.randn(32, 8)
+    a, b = plain.loss(x), spread.loss(x)
+    assert "uniformity" not in a.metrics and "uniformity" in b.metrics
+    assert torch.allclose(b.loss, a.loss + 0.5 * b.metrics["uniformity"])
+    with pytest.raises(ValueError, match="uniformity"):
+        RQVAEConfig(input_dim=8, uniformity=-1.0)
