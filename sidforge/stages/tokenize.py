@@ -443,6 +443,40 @@ def fit_rqkmeans(cfg: Config, run_dir: RunDir, data_dir: Path | None, seed: int,
                   tok.last_distances(x, codes))
 
 
+def _loop(model_cfg: Any, section: Any, tcfg: TokenizeConfig, seed: int) -> dict[str, Any]:
+    """The loop settings every trained tokenizer shares (its own arrays are added by the caller)."""
+    return {"model": dataclasses.asdict(model_cfg), "lr": section.lr, "weight_decay": section.weight_decay,
+            "batch_size": section.batch_size, "epochs": section.epochs, "kmeans_init": section.kmeans_init,
+            "kmeans_iters": tcfg.kmeans_iters, "dead_code_min_usage": section.dead_code_min_usage, "seed": seed}
+
+
+def _train_tokenizer(method: str, train_fn: Callable[..., Any], loop: dict[str, Any], section: Any,
+                     model: torch.nn.Module, run_dir: RunDir, train_name: str, force: bool) -> list[dict[str, Any]]:
+    """Train a tokenizer model with the shared runner (``section``: its num_workers, cpus_per_worker and
+    max_failures), load the trained state into ``model`` and drop the finished training run.
+
+    Returns:
+        The per-epoch history.
+    """
+    train_run = RunSettings(name=train_name, storage_path=run_dir.path / "_train", max_failures=section.max_failures,
+                            checkpoints_to_keep=2)
+    result = fit(train_fn, loop, ScalingSettings(section.num_workers, cpus_per_worker=section.cpus_per_worker),
+                 train_run, fresh=force)
+    if not result.value["replicas_agree"]:
+        raise RuntimeError(f"{method}: the workers' model replicas diverged (codebooks must be re-initialised "
+                           "identically on every rank)")
+    model.load_state_dict({k: torch.tensor(v) for k, v in result.value["state"].items()})  # Ray: read-only arrays
+    model.eval()
+    remove_run(train_run)
+    return result.history
+
+
+def _history_extra(history: list[dict[str, Any]], workers: int) -> dict[str, Any]:
+    """Quality-report figures from a trained tokenizer's epochs."""
+    return {"epochs": len(history), "final_loss": history[-1].get("loss") if history else None,
+            "dead_codes_reset": int(sum(r.get("dead_reset", 0) for r in history)), "workers": workers}
+
+
 def fit_rqvae(cfg: Config, run_dir: RunDir, data_dir: Path | None, seed: int, train_name: str,
               force: bool) -> Fitted:
     """TIGER's RQ-VAE, trained with the shared Ray Train runner."""
@@ -452,30 +486,13 @@ def fit_rqvae(cfg: Config, run_dir: RunDir, data_dir: Path | None, seed: int, tr
     model_cfg = RQVAEConfig(input_dim=x.shape[1], hidden=tuple(rcfg.hidden), latent_dim=rcfg.latent_dim,
                             num_levels=tcfg.levels, codebook_size=tcfg.codebook_size, beta=rcfg.beta,
                             dropout=rcfg.dropout, uniformity=rcfg.uniformity)
-    train_run = RunSettings(name=train_name,
-                            storage_path=run_dir.path / "_train", max_failures=rcfg.max_failures,
-                            checkpoints_to_keep=2)
-    loop = {"model": dataclasses.asdict(model_cfg), "lr": rcfg.lr, "weight_decay": rcfg.weight_decay,
-            "batch_size": rcfg.batch_size, "epochs": rcfg.epochs, "kmeans_init": rcfg.kmeans_init,
-            "kmeans_iters": tcfg.kmeans_iters, "dead_code_min_usage": rcfg.dead_code_min_usage, "seed": seed,
-            "x": x}
-    result = fit(train_rqvae, loop, ScalingSettings(rcfg.num_workers, cpus_per_worker=rcfg.cpus_per_worker),
-                 train_run, fresh=force)
-    if not result.value["replicas_agree"]:
-        raise RuntimeError("rqvae: the workers' model replicas diverged (codebooks must be re-initialised "
-                           "identically on every rank)")
+    loop = {**_loop(model_cfg, rcfg, tcfg, seed), "x": x}
     model = RQVAE(model_cfg)
-    model.load_state_dict({k: torch.tensor(v) for k, v in result.value["state"].items()})  # Ray: read-only arrays
-    model.eval()
-    remove_run(train_run)
+    history = _train_tokenizer("rqvae", train_rqvae, loop, rcfg, model, run_dir, train_name, force)
     tok = Tokenizer("rqvae", x.shape[1], tcfg.levels, tcfg.codebook_size, model=model)
     codes = tok.assign(x)
-    last = result.history[-1] if result.history else {}
-    extra = {"epochs": len(result.history), "final_loss": last.get("loss"),
-             "dead_codes_reset": int(sum(r.get("dead_reset", 0) for r in result.history)),
-             "workers": rcfg.num_workers}
     return Fitted(item_id, codes, tcfg.codebook_size, tok, modalities, x, tok.reconstruct(codes),
-                  tok.last_distances(x, codes), extra)
+                  tok.last_distances(x, codes), _history_extra(history, rcfg.num_workers))
 
 
 _TOKEN = re.compile(r"^<?[A-Za-z]*_?(\d+)>?$")
@@ -555,28 +572,14 @@ def fit_bbq(cfg: Config, run_dir: RunDir, data_dir: Path | None, seed: int, trai
                           contrastive_weight=bcfg.contrastive_weight, temperature=bcfg.temperature,
                           contrastive_prefixes=bcfg.contrastive_prefixes, mi_weight=bcfg.mi_weight,
                           club_hidden=bcfg.club_hidden, slot_weight=bcfg.slot_weight, dropout=bcfg.dropout)
-    train_run = RunSettings(name=train_name, storage_path=run_dir.path / "_train", max_failures=bcfg.max_failures,
-                            checkpoints_to_keep=2)
-    loop = {"model": dataclasses.asdict(model_cfg), "lr": bcfg.lr, "weight_decay": bcfg.weight_decay,
-            "batch_size": bcfg.batch_size, "epochs": bcfg.epochs, "kmeans_init": bcfg.kmeans_init,
-            "kmeans_iters": tcfg.kmeans_iters, "dead_code_min_usage": bcfg.dead_code_min_usage, "seed": seed,
-            "x": x, "behavior": behavior}
-    result = fit(train_bbq, loop, ScalingSettings(bcfg.num_workers, cpus_per_worker=bcfg.cpus_per_worker),
-                 train_run, fresh=force)
-    if not result.value["replicas_agree"]:
-        raise RuntimeError("bbq: the workers' model replicas diverged (codebooks must be re-initialised "
-                           "identically on every rank)")
+    loop = {**_loop(model_cfg, bcfg, tcfg, seed), "x": x, "behavior": behavior}
     model = BBQ(model_cfg)
-    model.load_state_dict({k: torch.tensor(v) for k, v in result.value["state"].items()})  # Ray's arrays are read-only
-    model.eval()
-    remove_run(train_run)
+    hist = _train_tokenizer("bbq", train_bbq, loop, bcfg, model, run_dir, train_name, force)
     tok = Tokenizer("bbq", x.shape[1], tcfg.levels, tcfg.codebook_size, model=model)
     codes = tok.assign(x)
     with torch.no_grad():
         x_full = model.reconstruct_items(torch.from_numpy(x), torch.arange(len(x))).numpy()
-    hist = result.history
-    extra = {"epochs": len(hist), "final_loss": hist[-1].get("loss") if hist else None,
-             "dead_codes_reset": int(sum(r.get("dead_reset", 0) for r in hist)), "workers": bcfg.num_workers,
+    extra = {**_history_extra(hist, bcfg.num_workers),
              "recon_rel_full": float(((x - x_full) ** 2).sum() / max(float((x**2).sum()), 1e-12)),
              "behavior_coherence": behavior_coherence(codes, behavior)}
     for key in ("contrastive", "mi"):
@@ -607,22 +610,10 @@ def fit_ada_sid(cfg: Config, run_dir: RunDir, data_dir: Path | None, seed: int, 
     if len(train_rows) < acfg.codebook_size:
         raise DataError(f"{len(train_rows)} training items cannot fill tokenize.ada_sid.codebook_size="
                         f"{acfg.codebook_size}; lower it or tokenize.ada_sid.valid_fraction")
-    train_run = RunSettings(name=train_name, storage_path=run_dir.path / "_train", max_failures=acfg.max_failures,
-                            checkpoints_to_keep=2)
-    loop = {"model": dataclasses.asdict(model_cfg), "lr": acfg.lr, "weight_decay": acfg.weight_decay,
-            "batch_size": acfg.batch_size, "epochs": acfg.epochs, "kmeans_init": acfg.kmeans_init,
-            "kmeans_iters": tcfg.kmeans_iters, "dead_code_min_usage": acfg.dead_code_min_usage, "seed": seed,
-            "x": x, "behavior": behavior, "richness": richness, "has_behavior": has_behavior.astype(np.float32),
-            "train_rows": train_rows, "valid_rows": valid_rows}
-    result = fit(train_ada_sid, loop, ScalingSettings(acfg.num_workers, cpus_per_worker=acfg.cpus_per_worker),
-                 train_run, fresh=force)
-    if not result.value["replicas_agree"]:
-        raise RuntimeError("ada-sid: the workers' model replicas diverged (codebooks must be re-initialised "
-                           "identically on every rank)")
+    loop = {**_loop(model_cfg, acfg, tcfg, seed), "x": x, "behavior": behavior, "richness": richness,
+            "has_behavior": has_behavior.astype(np.float32), "train_rows": train_rows, "valid_rows": valid_rows}
     model = ADASID(model_cfg)
-    model.load_state_dict({k: torch.tensor(v) for k, v in result.value["state"].items()})  # Ray: read-only arrays
-    model.eval()
-    remove_run(train_run)
+    hist = _train_tokenizer("ada-sid", train_ada_sid, loop, acfg, model, run_dir, train_name, force)
     tok = Tokenizer("ada-sid", x.shape[1], model_cfg.num_experts, acfg.codebook_size, model=model)
     with torch.no_grad():
         c, w = model.encode(torch.from_numpy(x), torch.from_numpy(behavior), torch.from_numpy(richness),
@@ -631,9 +622,7 @@ def fit_ada_sid(cfg: Config, run_dir: RunDir, data_dir: Path | None, seed: int, 
     codes, weights = c.numpy().astype(np.int64), w.numpy()
     names = _expert_names(model_cfg, modalities)
     extra = _ada_sid_report(model, codes, weights, behavior, b_hat.numpy(), richness, counts, bucket, names)
-    hist = result.history
-    extra.update({"epochs": len(hist), "final_loss": hist[-1].get("loss") if hist else None,
-                  "dead_codes_reset": int(sum(r.get("dead_reset", 0) for r in hist)), "workers": acfg.num_workers,
+    extra.update({**_history_extra(hist, acfg.num_workers),
                   "valid": {"recon_rel": hist[-1]["valid/recon_rel"]} if hist and "valid/recon_rel" in hist[-1] else {},
                   "behavior_coherence": behavior_coherence(codes, behavior)})
     for key in ("align", "dropped_share"):
