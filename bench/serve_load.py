@@ -274,19 +274,12 @@ def _ranker_replicas() -> list[str]:
 
 
 def build_tiny(root: Path) -> Config:
-    """A synthetic run through the real stages (prepare on Ray Data, precomputed embed, align, tokenize, ranker)."""
-    from sidforge.platform.artifacts import RunDir
-    from sidforge.platform.datasets import resolve_data_dir
-    from sidforge.stages import align, embed, prepare, ranker, tokenize
+    """A synthetic run through the real stages: ``sidforge pipeline --preset savior`` on configs/tiny.yaml."""
+    from sidforge.pipeline import PRESETS, Step, run_pipeline, step_config
 
-    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml", [f"run_dir={root}", *TINY])
-    run = RunDir(root)
-    prepare.run(cfg, run, resolve_data_dir(None))
-    embed.run(cfg, run)
-    align.run(cfg, run)
-    tokenize.run(cfg, run)
-    ranker.run(cfg, run, run.stage_dir(cfg.tokenize.output_name))
-    return cfg
+    config = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+    run_pipeline(config, list(TINY), preset="savior", run_dir=str(root), report=False, echo=log.info)
+    return step_config(config, list(TINY), PRESETS["savior"], Step("", ""), str(root))
 
 
 def start_serve(plan: ServingPlan) -> str:

@@ -204,15 +204,17 @@ class StepOutcome:
 
 
 def headline(stage: str, metrics: dict[str, Any], rows: dict[str, int]) -> str:
-    """The one figure a user wants after each stage."""
-    test = metrics.get("test", {}) if isinstance(metrics.get("test"), dict) else {}
-    if "auc" in test:
+    """The one figure a user wants after each stage (the kinds are the report's)."""
+    from sidforge.platform.report import stage_kind
+
+    kind, test = stage_kind(stage, metrics), metrics.get("test") or {}
+    if kind == "ranking":
         return f"test AUC {test['auc']:.4f}, GAUC {test.get('gauc', float('nan')):.4f}"
-    if "ndcg@10" in test:
+    if kind == "retrieval":
         return f"test Recall@10 {test.get('recall@10', float('nan')):.4f}, NDCG@10 {test['ndcg@10']:.4f}"
-    if "i2i_after" in metrics:
+    if kind == "align":
         return f"i2i Hit@30 {metrics['i2i_before']['hit@30']:.4f} → {metrics['i2i_after']['hit@30']:.4f}"
-    if "collision_rate" in metrics:
+    if kind == "tokenizer":
         return (f"collisions {metrics['collision_rate']:.2%}, min utilisation "
                 f"{min(metrics.get('utilization') or [float('nan')]):.0%}")
     return ", ".join(f"{k} {v:,}" for k, v in list(rows.items())[:3])

@@ -237,7 +237,7 @@ def _bucket_rows(members: list[StageView], name: str, keys: Sequence[str]) -> li
 
 def _metric_tables(kind: str, stages: list[StageView], keys: Sequence[str], extra: Sequence[str]) -> list[str]:
     """The variant table (mean ± std over seeds), the per-seed rows folded away, and the bucket table."""
-    grouped = {n: m for n, m in groups([s for s in stages if s.kind == kind]).items()}
+    grouped = groups([s for s in stages if s.kind == kind])
     rows = [(_variant(n, m), *(mean_std([s.metrics["test"].get(k) for s in m]) for k in keys),
              *(mean_std([s.metrics["test"].get(k) if k in s.metrics["test"] else s.metrics.get(k) for s in m], 1)
                for k in extra))

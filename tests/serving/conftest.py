@@ -8,25 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
+from tiny_run import write_prepare_and_embed
 
-from sidforge.platform.artifacts import RunDir
 from sidforge.platform.config import Config, load_config
-from sidforge.platform.logs import (
-    SPLIT_NAMES,
-    TRAIN,
-    choose_cold_items,
-    coclick_counts,
-    finalize_coclicks,
-    order_and_split,
-)
-from sidforge.platform.metrics import popularity_buckets
-from sidforge.platform.schemas import COCLICKS, INTERACTIONS, ITEM_STATS
-from sidforge.platform.synthetic import make_truth, sample_sequences, synthetic_items
-from sidforge.stages.embed import ItemEmbeddings
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -41,37 +26,6 @@ def tiny_config(run_dir: Path, *overrides: str) -> Config:
     return load_config(REPO / "configs" / "tiny.yaml", [f"run_dir={run_dir}", *TINY, *overrides])
 
 
-def write_run(cfg: Config) -> RunDir:
-    """``prepare`` (interactions, item stats, co-clicks) and ``embed`` outputs from the synthetic generator."""
-    run = RunDir(cfg.run_dir)
-    s = cfg.synthetic
-    truth = make_truth(s)
-    user, item, pos = sample_sequences(s, truth, s.num_users, np.random.default_rng(s.seed))
-    cold = choose_cold_items(s.num_items, cfg.prepare.cold_item_fraction, cfg.seed)
-    ub = order_and_split(user, item, pos, cfg.prepare.min_seq_len, cold)
-    prep = run.stage_dir("prepare")
-    (prep / "interactions").mkdir(parents=True)
-    pq.write_table(pa.table({"user_id": ub.user, "item_id": ub.item, "position": ub.position,
-                             "split": SPLIT_NAMES[ub.split].tolist()}, schema=INTERACTIONS),
-                   prep / "interactions" / "part-0.parquet")
-    train = ub.split == TRAIN
-    counts = np.bincount(ub.item[train], minlength=s.num_items)
-    pq.write_table(pa.table({"item_id": np.arange(s.num_items), "train_count": counts,
-                             "bucket": popularity_buckets(counts), "cold_holdout": cold}, schema=ITEM_STATS),
-                   prep / "item_stats.parquet")
-    cc = cfg.prepare.coclick
-    a, b, c = coclick_counts(ub.user[train], ub.item[train], cc.window)
-    pairs = finalize_coclicks(a, b, c, counts, min_count=cc.min_count, pop_alpha=cc.pop_alpha,
-                              max_per_item=cc.max_per_item, holdout_fraction=cc.holdout_fraction, seed=cfg.seed)
-    pq.write_table(pa.table(pairs, schema=COCLICKS), prep / "cocliks.parquet")
-    feats = np.stack(synthetic_items(s, truth).column("feat_content").to_numpy(zero_copy_only=False))
-    feats = feats / np.linalg.norm(feats, axis=1, keepdims=True)  # embed.normalize
-    run.stage_dir("embed").mkdir()
-    pq.write_table(ItemEmbeddings(np.arange(s.num_items), {"content": feats.astype(np.float32)}).to_table(),
-                   run.stage_dir("embed") / "item_embeddings.parquet")
-    return run
-
-
 def build_tiny_run(run_dir: Path) -> Config:
     """A complete tiny run under ``run_dir``: prepare + embed by hand, then align, tokenize and ranker."""
     import torch
@@ -79,7 +33,7 @@ def build_tiny_run(run_dir: Path) -> Config:
     from sidforge.stages import align, ranker, tokenize
 
     cfg = tiny_config(run_dir)
-    run = write_run(cfg)
+    run = write_prepare_and_embed(cfg, coclicks=True, normalize=True)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
