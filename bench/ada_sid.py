@@ -24,6 +24,13 @@ code weights) and ``generative-<name>``; plus ``ranker-itemid`` (item ID only). 
     ada-sid-noshared    no shared experts
     ada-sid-count       N_norm from log(1 + train count) instead of the e_b norm (ours, not the paper's)
     rqvae, rqkmeans     the baselines at the paper's shape: 6 levels x 100 codes (+ a collision digit)
+    rqvae-3x256, rqkmeans-3x256
+                        the baselines at TIGER's shape, 3 x 256, as published (RQ-VAE latent 32; RQ-KMeans
+                        on the raw 384-d vectors)
+    rqvae-3x256-l16u05, rqkmeans-3x256-pca16w
+                        the same with fewer collisions: RQ-VAE latent 16 + uniformity 0.5; RQ-KMeans on the
+                        whitened top 16 principal components (not in the default list; ``--tokenizers`` and
+                        ``--out bench/results/sid_shape.json`` keep them apart from the ADA-SID table)
 
 Every stage skips itself when its config and inputs are unchanged, so a stopped bench continues where it
 stopped and ``--report-only`` aggregates whatever exists. Results (per seed and mean ± std over seeds)
@@ -52,6 +59,7 @@ from sidforge.stages import embed, generative, prepare, ranker, sasrec, tokenize
 
 ADA = ["tokenize.method=ada-sid"]
 BASELINE_SHAPE = ["tokenize.levels=6", "tokenize.codebook_size=100"]
+TIGER_SHAPE = ["tokenize.levels=3", "tokenize.codebook_size=256"]
 TOKENIZERS: dict[str, list[str]] = {
     "ada-sid": [*ADA, "tokenize.name=ada-sid"],
     "ada-sid-fixedw": [*ADA, "tokenize.name=ada-sid-fixedw", "tokenize.ada_sid.adaptive_alignment=false"],
@@ -61,8 +69,17 @@ TOKENIZERS: dict[str, list[str]] = {
     "ada-sid-count": [*ADA, "tokenize.name=ada-sid-count", "tokenize.ada_sid.richness=log_count"],
     "rqvae": ["tokenize.method=rqvae", "tokenize.name=rqvae-k100", *BASELINE_SHAPE],
     "rqkmeans": ["tokenize.method=rqkmeans", "tokenize.name=rqkmeans-k100", *BASELINE_SHAPE],
+    # TIGER's 3 x 256 shape (issue-4 baselines): as published, and with the settings that cut collisions
+    "rqvae-3x256": ["tokenize.method=rqvae", "tokenize.name=rqvae-3x256", *TIGER_SHAPE],
+    "rqvae-3x256-l16u05": ["tokenize.method=rqvae", "tokenize.name=rqvae-3x256-l16u05", *TIGER_SHAPE,
+                           "tokenize.rqvae.latent_dim=16", "tokenize.rqvae.uniformity=0.5"],
+    "rqkmeans-3x256": ["tokenize.method=rqkmeans", "tokenize.name=rqkmeans-3x256", *TIGER_SHAPE,
+                       "tokenize.rqkmeans.pca_dim=0"],
+    "rqkmeans-3x256-pca16w": ["tokenize.method=rqkmeans", "tokenize.name=rqkmeans-3x256-pca16w", *TIGER_SHAPE,
+                              "tokenize.rqkmeans.pca_dim=16", "tokenize.rqkmeans.whiten=true"],
 }
-DEFAULT_TOKENIZERS = [t for t in TOKENIZERS if t != "ada-sid-count"]
+SHAPE_3X256 = [t for t in TOKENIZERS if "3x256" in t]
+DEFAULT_TOKENIZERS = [t for t in TOKENIZERS if t != "ada-sid-count" and t not in SHAPE_3X256]
 REUSABLE = ("prepare", "embed", "sasrec")
 GROUPS = ("", "/head", "/tail")
 GEN_KEYS = ("recall@10", "ndcg@10", "recall@50", "ndcg@50")

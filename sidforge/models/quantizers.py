@@ -5,7 +5,11 @@ the residual left by levels ``1 .. l-1`` with its own codebook of ``K`` vectors.
 codebooks share this module:
 
 * :func:`residual_kmeans` — k-means (faiss) on the data, then on the residuals, level by level; optionally
-  size-balanced so no code takes more than ``ceil(N / K)`` items (fewer collisions, flatter usage).
+  size-balanced so no code takes more than ``ceil(N / K)`` items (fewer collisions, flatter usage), and
+  optionally on a PCA projection of the data (:func:`pca_projection`): in a few hundred dimensions the
+  deeper levels' residuals are nearly isotropic, 256 centroids barely partition them and near-duplicate
+  items end up sharing a whole ID; all levels spending their codes on the same top principal subspace
+  separate them (the same role as the RQ-VAE's narrow latent).
 * :class:`RQVAE` — an MLP auto-encoder whose latent is residual-quantized (TIGER): commitment loss,
   straight-through gradients, codebooks initialised by residual k-means on the first latents, and dead
   codes re-initialised from live residuals (:meth:`ResidualQuantizer.reset_dead_codes`).
@@ -30,6 +34,7 @@ __all__ = [
     "ResidualQuantizer",
     "kmeans",
     "nearest_codes",
+    "pca_projection",
     "residual_kmeans",
 ]
 
@@ -108,6 +113,39 @@ def _balanced_assign(x: np.ndarray, centroids: np.ndarray, candidates: int = 32)
         c = free[np.argmin(((centroids[free] - x[i]) ** 2).sum(1))]
         assign[i], room[c] = c, room[c] - 1
     return assign
+
+
+def pca_projection(x: np.ndarray, dim: int, whiten: bool = False,
+                   chunk: int = 200_000) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The top-``dim`` principal subspace of ``x``: ``(mean (D,), project (D, dim), unproject (dim, D))``.
+
+    ``z = (x - mean) @ project`` and ``x ≈ z @ unproject + mean``. With ``whiten`` every component is scaled
+    to unit variance (``unproject`` scales it back). The covariance is accumulated in float64 by chunks, so
+    millions of rows cost one pass; each component's sign is fixed (largest entry positive) so the result
+    does not depend on the eigen-solver's choice.
+
+    Raises:
+        ValueError: ``dim`` is not in ``1 .. D`` or there are fewer than two rows.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    n, d = x.shape
+    if not 1 <= dim <= d:
+        raise ValueError(f"pca dim={dim} must be between 1 and the embedding width {d}")
+    if n < 2:
+        raise ValueError(f"a PCA projection needs at least 2 rows, got {n}")
+    mean = x.mean(axis=0, dtype=np.float64)
+    cov = np.zeros((d, d), dtype=np.float64)
+    for start in range(0, n, chunk):
+        block = x[start:start + chunk].astype(np.float64) - mean
+        cov += block.T @ block
+    cov /= n - 1
+    values, vectors = np.linalg.eigh(cov)  # ascending
+    values, vectors = values[::-1][:dim], vectors[:, ::-1][:, :dim]
+    vectors = vectors * np.where(vectors[np.abs(vectors).argmax(axis=0), np.arange(dim)] < 0, -1.0, 1.0)
+    scale = np.sqrt(np.maximum(values, 1e-12)) if whiten else np.ones(dim)
+    project = (vectors / scale).astype(np.float32)
+    unproject = (vectors * scale).T.astype(np.float32)
+    return mean.astype(np.float32), project, unproject
 
 
 def residual_kmeans(x: np.ndarray, num_levels: int, codebook_size: int, niter: int = 20, seed: int = 0,

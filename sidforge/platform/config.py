@@ -308,6 +308,29 @@ class SASRecTrainConfig:
 
 
 @dataclass(frozen=True)
+class RQKMeansConfig:
+    """Residual k-means settings (``tokenize.method=rqkmeans``).
+
+    Attributes:
+        pca_dim: quantize the top ``pca_dim`` principal components of the embeddings instead of the raw
+            vectors (0 = the raw vectors). In a few hundred dimensions the deeper levels' residuals are
+            nearly isotropic and near-duplicate items share whole IDs; a narrow subspace trades some
+            reconstruction for far fewer collisions, the role the RQ-VAE's latent_dim plays.
+        whiten: scale every principal component to unit variance (with ``pca_dim``).
+    """
+
+    pca_dim: int = 0
+    whiten: bool = False
+
+    def __post_init__(self) -> None:
+        if self.pca_dim < 0:
+            raise ConfigError(f"tokenize.rqkmeans.pca_dim={self.pca_dim} must be >= 0 (0 = no projection)")
+        if self.whiten and not self.pca_dim:
+            raise ConfigError("tokenize.rqkmeans.whiten needs tokenize.rqkmeans.pca_dim > 0 (the components "
+                              "to whiten)")
+
+
+@dataclass(frozen=True)
 class RQVAETrainConfig:
     """RQ-VAE training (``tokenize.method=rqvae``); the model is TIGER's MLP auto-encoder.
 
@@ -599,6 +622,7 @@ class TokenizeConfig:
             ``codes`` columns; relative paths resolve against the data directory.
         key: precomputed: which id the file uses: ``item_id`` (ours) or ``source_id`` (the dataset's).
         seed: ``None`` uses the top-level ``seed``.
+        rqkmeans: residual k-means settings (the PCA projection).
         rqvae: RQ-VAE training settings.
         bbq: BBQ tokenizer settings.
         ada_sid: ADA-SID tokenizer settings.
@@ -616,6 +640,7 @@ class TokenizeConfig:
     path: str = ""
     key: Literal["item_id", "source_id"] = "item_id"
     seed: Union[int, None] = None
+    rqkmeans: RQKMeansConfig = field(default_factory=RQKMeansConfig)
     rqvae: RQVAETrainConfig = field(default_factory=RQVAETrainConfig)
     bbq: BBQTrainConfig = field(default_factory=BBQTrainConfig)
     ada_sid: AdaSIDTrainConfig = field(default_factory=AdaSIDTrainConfig)

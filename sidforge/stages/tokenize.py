@@ -61,7 +61,7 @@ import torch
 
 from sidforge.models.ada_sid import ADASID, ADASIDConfig
 from sidforge.models.bbq import BBQ, BBQConfig
-from sidforge.models.quantizers import RQVAE, ResidualQuantizer, RQVAEConfig, residual_kmeans
+from sidforge.models.quantizers import RQVAE, ResidualQuantizer, RQVAEConfig, pca_projection, residual_kmeans
 from sidforge.models.semantic_ids import (
     Resolved,
     behavior_coherence,
@@ -74,7 +74,7 @@ from sidforge.platform.artifacts import (
     StageResult,
     fingerprint_files,
 )
-from sidforge.platform.config import Config, TokenizeConfig
+from sidforge.platform.config import Config, RQKMeansConfig, TokenizeConfig
 from sidforge.platform.schemas import DataError
 from sidforge.platform.training import (
     RunSettings,
@@ -90,6 +90,7 @@ log = logging.getLogger(__name__)
 SIDS = pa.schema([("item_id", pa.int64()), ("codes", pa.list_(pa.int32())), ("digit", pa.int32()),
                   ("sid", pa.list_(pa.int32())), ("version", pa.string()), ("weights", pa.list_(pa.float32()))])
 TOKENIZER_FORMAT = 1
+PROJECTION_KEYS = ("pca_mean", "pca_project", "pca_unproject")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -105,7 +106,9 @@ class Tokenizer:
         input_dim: width of the embeddings it takes (0 for precomputed; bbq, ada-sid: the modalities
             concatenated).
         levels, codebook_size: L and K (ada-sid: L = the number of experts, the longest ID).
-        codebooks: rqkmeans: (L, K, D) float32.
+        codebooks: rqkmeans: (L, K, D) float32 (D = the projection's width when there is one).
+        projection: rqkmeans with ``tokenize.pca_dim``: ``(mean (input_dim,), project (input_dim, D),
+            unproject (D, input_dim))`` — the codebooks live in that principal subspace.
         model: rqvae: the trained :class:`RQVAE`; bbq: the trained :class:`BBQ`; ada-sid: the trained
             :class:`ADASID` (eval mode).
     """
@@ -116,6 +119,7 @@ class Tokenizer:
     codebook_size: int
     codebooks: np.ndarray | None = None
     model: RQVAE | BBQ | ADASID | None = None
+    projection: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
     def assign(self, embeddings: np.ndarray, behavior: np.ndarray | None = None,
                richness: np.ndarray | None = None) -> np.ndarray:
@@ -144,7 +148,7 @@ class Tokenizer:
             if behavior is not None or richness is not None:
                 raise ValueError(f"a {self.method} tokenizer assigns IDs from content only; drop behavior/richness")
             if self.codebooks is not None:
-                codes = _residual_codes(x, self.codebooks)
+                codes = _residual_codes(self.project(x), self.codebooks)
             else:
                 assert self.model is not None
                 with torch.no_grad():
@@ -172,7 +176,11 @@ class Tokenizer:
         default 1 for every kept code)."""
         codes = np.asarray(codes, dtype=np.int64)
         if self.codebooks is not None:
-            return self.codebooks[np.arange(self.levels), codes].sum(axis=1)
+            z = self.codebooks[np.arange(self.levels), codes].sum(axis=1)
+            if self.projection is None:
+                return z
+            mean, _, unproject = self.projection
+            return z @ unproject + mean
         if self.model is None:
             raise ValueError("a precomputed tokenizer has no codebooks to reconstruct from")
         if isinstance(self.model, ADASID):
@@ -186,7 +194,7 @@ class Tokenizer:
         if isinstance(self.model, ADASID):
             raise ValueError("ada-sid IDs have no common last level (variable length); use tokenize.collision=digit")
         if self.codebooks is not None:
-            books, z = self.codebooks, x
+            books, z = self.codebooks, self.project(x)
         elif self.model is not None:
             with torch.no_grad():
                 z = self.model.latent(torch.from_numpy(x)).numpy()
@@ -196,6 +204,13 @@ class Tokenizer:
         residual = z - books[np.arange(self.levels - 1), codes[:, :-1]].sum(axis=1)  # what the last level sees
         last = books[-1]
         return ((residual**2).sum(1, keepdims=True) - 2.0 * residual @ last.T + (last**2).sum(1)[None]).clip(0.0)
+
+    def project(self, x: np.ndarray) -> np.ndarray:
+        """The space the codebooks live in: ``x`` itself, or its PCA projection (rqkmeans with ``pca_dim``)."""
+        if self.projection is None:
+            return x
+        mean, project, _ = self.projection
+        return np.ascontiguousarray((x - mean) @ project, dtype=np.float32)
 
     def _check(self, embeddings: np.ndarray) -> np.ndarray:
         if self.method == "precomputed":
@@ -219,6 +234,10 @@ class Tokenizer:
         tensors: dict[str, torch.Tensor] = {}
         if self.codebooks is not None:
             tensors["codebooks"] = torch.from_numpy(np.ascontiguousarray(self.codebooks))
+        if self.projection is not None:
+            meta["pca_dim"] = int(self.projection[1].shape[1])
+            for key, arr in zip(PROJECTION_KEYS, self.projection, strict=True):
+                tensors[key] = torch.from_numpy(np.ascontiguousarray(arr))
         if self.model is not None:
             meta[self.method] = dataclasses.asdict(self.model.config)
             tensors.update({k: v.detach().contiguous() for k, v in self.model.state_dict().items()})
@@ -244,6 +263,9 @@ def load_tokenizer(folder: str | Path) -> Tokenizer:
     tensors = load_file(str(folder / "tokenizer.safetensors"))
     if meta["method"] == "rqkmeans":
         tok.codebooks = tensors["codebooks"].numpy()
+        if PROJECTION_KEYS[0] in tensors:
+            mean, project, unproject = (tensors[k].numpy() for k in PROJECTION_KEYS)
+            tok.projection = (mean, project, unproject)
     else:
         builders = {"rqvae": _rqvae, "bbq": _bbq, "ada-sid": _ada_sid}
         model = builders[meta["method"]](meta[meta["method"]])
@@ -324,6 +346,8 @@ def stage_config_hash(cfg: Config) -> str:
             section[trainer].pop(key)
         if cfg.tokenize.method.replace("-", "_") != trainer:
             section.pop(trainer)
+    if cfg.tokenize.method != "rqkmeans" or cfg.tokenize.rqkmeans == RQKMeansConfig():
+        section.pop("rqkmeans")  # absent unless it changes the IDs: earlier runs keep their hash
     payload = json.dumps({"tokenize": section, "seed": cfg.seed}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -436,9 +460,13 @@ def fit_rqkmeans(cfg: Config, run_dir: RunDir, data_dir: Path | None, seed: int,
     tcfg = cfg.tokenize
     item_id, x, modalities = load_matrix(tcfg, run_dir)
     _check_catalogue(len(x), tcfg)
-    books, codes = residual_kmeans(x, tcfg.levels, tcfg.codebook_size, niter=tcfg.kmeans_iters, seed=seed,
-                                   balanced=tcfg.balanced)
-    tok = Tokenizer("rqkmeans", x.shape[1], tcfg.levels, tcfg.codebook_size, codebooks=books)
+    kcfg = tcfg.rqkmeans
+    if kcfg.pca_dim > x.shape[1]:
+        raise DataError(f"tokenize.rqkmeans.pca_dim={kcfg.pca_dim} exceeds the embedding width {x.shape[1]}")
+    projection = pca_projection(x, kcfg.pca_dim, kcfg.whiten) if kcfg.pca_dim else None
+    tok = Tokenizer("rqkmeans", x.shape[1], tcfg.levels, tcfg.codebook_size, projection=projection)
+    tok.codebooks, codes = residual_kmeans(tok.project(x), tcfg.levels, tcfg.codebook_size,
+                                           niter=tcfg.kmeans_iters, seed=seed, balanced=tcfg.balanced)
     return Fitted(item_id, codes, tcfg.codebook_size, tok, modalities, x, tok.reconstruct(codes),
                   tok.last_distances(x, codes))
 

@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from sidforge.models.quantizers import RQVAE, ResidualQuantizer, RQVAEConfig, kmeans, residual_kmeans
+from sidforge.models.quantizers import (
+    RQVAE,
+    ResidualQuantizer,
+    RQVAEConfig,
+    kmeans,
+    pca_projection,
+    residual_kmeans,
+)
 from sidforge.models.semantic_ids import collision_digits, quality, reassign_collisions, resolve_collisions
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -36,6 +43,27 @@ def test_residual_kmeans_first_level_recovers_planted_clusters():
     # each level explains part of what the previous one left: the residual shrinks
     errs = [((x - books[np.arange(level + 1), codes[:, : level + 1]].sum(1)) ** 2).sum() for level in range(3)]
     assert errs[0] > errs[1] > errs[2]
+
+
+def test_pca_projection_keeps_the_top_subspace_and_inverts_on_it():
+    rng = np.random.default_rng(0)
+    basis = np.linalg.qr(rng.normal(size=(20, 20)))[0]
+    scales = np.array([5.0, 3.0, 2.0] + [0.1] * 17)
+    x = ((rng.normal(size=(2000, 20)) * scales) @ basis.T + 7.0).astype(np.float32)
+    mean, project, unproject = pca_projection(x, 3)
+    assert project.shape == (20, 3) and unproject.shape == (3, 20)
+    assert np.allclose(mean, 7.0, atol=0.3)
+    # the components are the planted top directions (up to the fixed sign), in order of variance
+    assert np.allclose(np.abs(project.T @ basis[:, :3]), np.eye(3), atol=0.05)
+    z = (x - mean) @ project
+    back = z @ unproject + mean
+    assert ((x - back) ** 2).sum() / ((x - mean) ** 2).sum() < 0.01  # 3 of 20 dims hold >99 % of the variance
+    _, wp, wu = pca_projection(x, 3, whiten=True)
+    assert np.allclose(((x - mean) @ wp).std(axis=0), 1.0, atol=0.02)
+    assert np.allclose((((x - mean) @ wp) @ wu), z @ unproject, atol=1e-3)  # whitening is undone on the way back
+    assert np.array_equal(pca_projection(x[::-1].copy(), 3)[1].round(4), project.round(4))  # no sign flips
+    with pytest.raises(ValueError, match="between 1 and the embedding width 20"):
+        pca_projection(x, 21)
 
 
 def test_balanced_kmeans_caps_every_code():

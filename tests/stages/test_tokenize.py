@@ -87,6 +87,38 @@ def test_rqkmeans_writes_unique_ids_a_quality_report_and_a_reusable_tokenizer(ru
                             run_dir).skipped
 
 
+def test_rqkmeans_on_a_pca_projection_saves_the_projection_and_assigns_and_decodes_through_it(run, tiny_config):
+    run_dir, x, truth = run
+    cfg = tiny_config("tokenize.method=rqkmeans", *SMALL, "tokenize.name=pca",
+                      "tokenize.rqkmeans.pca_dim=4", "tokenize.rqkmeans.whiten=true")
+    res = tokenize.run(cfg, run_dir)
+    sids = pq.read_table(res.out_dir / "sids.parquet")
+    assert _first_level_purity(sids, truth) > 0.95  # the planted clusters live in the top components
+    meta = json.loads((res.out_dir / "tokenizer.json").read_text())
+    assert meta["pca_dim"] == 4 and meta["input_dim"] == DIM
+
+    tok = tokenize.load_tokenizer(res.out_dir)
+    assert tok.codebooks.shape == (2, 12, 4) and tok.projection[1].shape == (DIM, 4)
+    codes = np.array(sids.column("codes").to_pylist())
+    assert np.array_equal(tok.assign(x), codes)  # raw embeddings in, projected inside
+    back = tok.reconstruct(codes)
+    assert back.shape == (N, DIM)
+    recon = ((x - back) ** 2).sum() / (x**2).sum()
+    report = json.loads((res.out_dir / "quality.json").read_text())
+    assert recon == pytest.approx(report["recon_rel"], rel=1e-4) and recon < 0.2  # decoded in the input space
+    with pytest.raises(ValueError, match=r"shape \(N, 12\)"):
+        tok.assign(x[:, :4])
+
+    plain = tokenize.run(tiny_config("tokenize.method=rqkmeans", *SMALL), run_dir)
+    manifest = run_dir.read_manifest().stages
+    assert manifest["tokenize-rqkmeans"].config_hash != manifest["tokenize-pca"].config_hash
+    assert "pca_dim" not in json.loads((plain.out_dir / "tokenizer.json").read_text())
+    with pytest.raises(DataError, match="pca_dim=13 exceeds the embedding width 12"):
+        tokenize.run(tiny_config("tokenize.method=rqkmeans", *SMALL, "tokenize.rqkmeans.pca_dim=13"), run_dir)
+    with pytest.raises(ConfigError, match="whiten needs tokenize.rqkmeans.pca_dim"):
+        tiny_config("tokenize.rqkmeans.whiten=true")
+
+
 def test_rqvae_trains_in_process_and_its_ids_follow_the_planted_clusters(run, tiny_config):
     run_dir, x, truth = run
     cfg = tiny_config("tokenize.method=rqvae", "tokenize.collision=reassign", *SMALL)
