@@ -68,7 +68,8 @@ TOKENIZERS: dict[str, list[str]] = {
     "ada-sid-noshared": [*ADA, "tokenize.name=ada-sid-noshared", "tokenize.ada_sid.shared_experts=0"],
     "ada-sid-count": [*ADA, "tokenize.name=ada-sid-count", "tokenize.ada_sid.richness=log_count"],
     "rqvae": ["tokenize.method=rqvae", "tokenize.name=rqvae-k100", *BASELINE_SHAPE],
-    "rqkmeans": ["tokenize.method=rqkmeans", "tokenize.name=rqkmeans-k100", *BASELINE_SHAPE],
+    "rqkmeans": ["tokenize.method=rqkmeans", "tokenize.name=rqkmeans-k100", *BASELINE_SHAPE,
+                 "tokenize.rqkmeans.pca_dim=0"],
     # TIGER's 3 x 256 shape (issue-4 baselines): as published, and with the settings that cut collisions
     "rqvae-3x256": ["tokenize.method=rqvae", "tokenize.name=rqvae-3x256", *TIGER_SHAPE],
     "rqvae-3x256-l16u05": ["tokenize.method=rqvae", "tokenize.name=rqvae-3x256-l16u05", *TIGER_SHAPE,

@@ -316,7 +316,7 @@ class RQKMeansConfig:
             vectors (0 = the raw vectors). In a few hundred dimensions the deeper levels' residuals are
             nearly isotropic and near-duplicate items share whole IDs; a narrow subspace trades some
             reconstruction for far fewer collisions, the role the RQ-VAE's latent_dim plays.
-        whiten: scale every principal component to unit variance (with ``pca_dim``).
+        whiten: scale every principal component to unit variance (no effect when ``pca_dim`` is 0).
     """
 
     pca_dim: int = 0
@@ -325,9 +325,6 @@ class RQKMeansConfig:
     def __post_init__(self) -> None:
         if self.pca_dim < 0:
             raise ConfigError(f"tokenize.rqkmeans.pca_dim={self.pca_dim} must be >= 0 (0 = no projection)")
-        if self.whiten and not self.pca_dim:
-            raise ConfigError("tokenize.rqkmeans.whiten needs tokenize.rqkmeans.pca_dim > 0 (the components "
-                              "to whiten)")
 
 
 @dataclass(frozen=True)

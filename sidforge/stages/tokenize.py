@@ -74,7 +74,7 @@ from sidforge.platform.artifacts import (
     StageResult,
     fingerprint_files,
 )
-from sidforge.platform.config import Config, RQKMeansConfig, TokenizeConfig
+from sidforge.platform.config import Config, TokenizeConfig
 from sidforge.platform.schemas import DataError
 from sidforge.platform.training import (
     RunSettings,
@@ -346,7 +346,7 @@ def stage_config_hash(cfg: Config) -> str:
             section[trainer].pop(key)
         if cfg.tokenize.method.replace("-", "_") != trainer:
             section.pop(trainer)
-    if cfg.tokenize.method != "rqkmeans" or cfg.tokenize.rqkmeans == RQKMeansConfig():
+    if cfg.tokenize.method != "rqkmeans" or not cfg.tokenize.rqkmeans.pca_dim:
         section.pop("rqkmeans")  # absent unless it changes the IDs: earlier runs keep their hash
     payload = json.dumps({"tokenize": section, "seed": cfg.seed}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]

@@ -115,8 +115,11 @@ def test_rqkmeans_on_a_pca_projection_saves_the_projection_and_assigns_and_decod
     assert "pca_dim" not in json.loads((plain.out_dir / "tokenizer.json").read_text())
     with pytest.raises(DataError, match="pca_dim=13 exceeds the embedding width 12"):
         tokenize.run(tiny_config("tokenize.method=rqkmeans", *SMALL, "tokenize.rqkmeans.pca_dim=13"), run_dir)
-    with pytest.raises(ConfigError, match="whiten needs tokenize.rqkmeans.pca_dim"):
-        tiny_config("tokenize.rqkmeans.whiten=true")
+    with pytest.raises(ConfigError, match="pca_dim=-1 must be >= 0"):
+        tiny_config("tokenize.rqkmeans.pca_dim=-1")
+    # whiten without a projection changes nothing, so it does not change the stage's hash either
+    assert tokenize.run(tiny_config("tokenize.method=rqkmeans", *SMALL, "tokenize.rqkmeans.whiten=true"),
+                        run_dir).skipped
 
 
 def test_rqvae_trains_in_process_and_its_ids_follow_the_planted_clusters(run, tiny_config):
