@@ -685,6 +685,10 @@ class GenerativeTrainConfig:
         max_history: most recent items of a history (TIGER: 20).
         user_tokens: user-hash buckets (one extra encoder token); 0 turns the user token off.
         lr, weight_decay: AdamW.
+        lr_schedule: ``constant`` (``lr`` throughout) or ``inverse_sqrt`` (TIGER's: ``lr`` for the first
+            ``warmup_steps`` optimiser steps, then ``lr * sqrt(warmup_steps / step)``; TIGER uses lr 0.01
+            and 10k steps).
+        warmup_steps: the constant phase of ``inverse_sqrt``.
         batch_size: training examples per step and per worker.
         epochs: epoch budget; ``patience`` evaluations without a better valid NDCG@10 stop earlier.
         beam_size: live prefixes kept per step of the constrained beam search.
@@ -709,6 +713,8 @@ class GenerativeTrainConfig:
     user_tokens: int = 0
     lr: float = 1e-3
     weight_decay: float = 0.0
+    lr_schedule: Literal["constant", "inverse_sqrt"] = "constant"
+    warmup_steps: int = 10_000
     batch_size: int = 256
     epochs: int = 200
     patience: int = 10
@@ -723,7 +729,7 @@ class GenerativeTrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("d_model", "layers", "heads", "head_dim", "ffn", "max_history", "batch_size", "epochs",
-                     "patience", "beam_size", "top_k", "eval_batch_size"):
+                     "patience", "beam_size", "top_k", "eval_batch_size", "warmup_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"generative.{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:

@@ -38,6 +38,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,6 +122,8 @@ _OPERATIONAL = ("cpus_per_worker", "max_failures", "eval_batch_size")  # how a r
 def stage_config_hash(cfg: Config) -> str:
     """Hash of what the outputs depend on: the ``generative`` section (minus operational keys) and the seed."""
     section = {k: v for k, v in dataclasses.asdict(cfg.generative).items() if k not in _OPERATIONAL}
+    if section["lr_schedule"] == "constant":  # the schedule's keys only count when it is not constant:
+        del section["lr_schedule"], section["warmup_steps"]  # runs from before it existed keep their hash
     payload = json.dumps({"generative": section, "seed": cfg.seed}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -374,7 +377,7 @@ def loop_config(cfg: Config, data: GenerativeData) -> dict[str, Any]:
     if 0 < g.eval_users < n_valid:
         sample = np.sort(np.random.default_rng(seed).choice(n_valid, g.eval_users, replace=False))
     return {"model": dataclasses.asdict(model), "lr": g.lr, "weight_decay": g.weight_decay,
-            "batch_size": g.batch_size, "epochs": g.epochs, "seed": seed, "valid_sample": sample,
+            "lr_schedule": g.lr_schedule, "warmup_steps": g.warmup_steps, "batch_size": g.batch_size, "epochs": g.epochs, "seed": seed, "valid_sample": sample,
             "beam": BeamSettings(g.beam_size, g.top_k, g.eval_batch_size), "data": data}
 
 
@@ -415,6 +418,16 @@ def train_generative(ctx: WorkerContext, config: dict[str, Any]) -> dict[str, An
     }
 
 
+def learning_rate(base: float, schedule: str, warmup_steps: int, step: int) -> float:
+    """The learning rate at optimiser step ``step`` (1-based): ``constant``, or TIGER's ``inverse_sqrt``
+    (``base`` for ``warmup_steps`` steps, then ``base * sqrt(warmup_steps / step)``)."""
+    if schedule not in ("constant", "inverse_sqrt"):
+        raise ValueError(f"unknown lr schedule {schedule!r}; use constant or inverse_sqrt")
+    if schedule == "constant" or step <= warmup_steps:
+        return base
+    return base * math.sqrt(warmup_steps / step)
+
+
 def train_epoch(ctx: WorkerContext, step: torch.nn.Module, opt: torch.optim.Optimizer, tables: Tables,
                  data: GenerativeData, config: dict[str, Any], epoch: int) -> float:
     """One pass over this rank's shard of the examples; returns the mean training loss (this rank's)."""
@@ -422,7 +435,12 @@ def train_epoch(ctx: WorkerContext, step: torch.nn.Module, opt: torch.optim.Opti
     order = ctx.shard(len(data.train_target), seed=config["seed"] + epoch)
     lengths = (data.train_hist != data.num_items).sum(axis=1)
     total, n = 0.0, 0
-    for rows in _length_batches(order, lengths, config["batch_size"], seed=config["seed"] + epoch):
+    batches = _length_batches(order, lengths, config["batch_size"], seed=config["seed"] + epoch)
+    for i, rows in enumerate(batches):
+        # the optimiser step from the epoch and batch index: a resumed run picks the schedule up exactly
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(config["lr"], config["lr_schedule"], config["warmup_steps"],
+                                        epoch * len(batches) + i + 1)
         hist, user = tables.inputs(data.train_hist[rows], data.train_user[rows])
         target = tables.target[torch.from_numpy(data.train_target[rows]).to(tables.target.device)]
         out = step(hist, target, user)

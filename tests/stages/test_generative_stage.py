@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from tiny_run import write_prepare_and_embed
 
 from sidforge import cli
@@ -159,6 +160,42 @@ def test_stage_trains_in_process_far_above_random_and_writes_its_outputs(built, 
     assert not run.is_current("generative-rqkmeans", changed, entry.inputs)
     same = generative.stage_config_hash(tiny_config(*TOKENIZE, *FAST, "generative.eval_batch_size=7"))
     assert same == entry.config_hash
+    assert generative.stage_config_hash(tiny_config(*TOKENIZE, *FAST, "generative.warmup_steps=5")) == same
+    assert generative.stage_config_hash(tiny_config(*TOKENIZE, *FAST, "generative.lr_schedule=inverse_sqrt")) != same
+
+
+def test_inverse_sqrt_schedule_is_tigers_and_reaches_the_optimiser(monkeypatch):
+    lr = generative.learning_rate
+    assert [lr(0.01, "inverse_sqrt", 100, s) for s in (1, 100)] == [0.01, 0.01]  # constant phase
+    assert lr(0.01, "inverse_sqrt", 100, 400) == pytest.approx(0.005)  # sqrt(100 / 400) = 1/2
+    assert lr(0.01, "inverse_sqrt", 100, 10_000) == pytest.approx(0.001)
+    assert lr(0.01, "constant", 100, 10_000) == 0.01
+    with pytest.raises(ValueError, match="unknown lr schedule 'cosine'"):
+        lr(0.01, "cosine", 100, 1)
+
+    # train_epoch sets the rate of step epoch * batches + i + 1 before every optimiser step
+    seen: list[float] = []
+    monkeypatch.setattr(generative, "_length_batches", lambda *a, **k: [np.arange(2)] * 3)
+
+    class Step(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(1))
+
+        def forward(self, hist, target, user):
+            return type("Out", (), {"loss": (self.w**2).sum()})()
+
+    step = Step()
+    opt = torch.optim.SGD(step.parameters(), lr=1.0)
+    original = opt.step
+    opt.step = lambda: (seen.append(opt.param_groups[0]["lr"]), original())[1]  # type: ignore[method-assign]
+    data = type("D", (), {"train_target": np.zeros(6, np.int64), "train_hist": np.zeros((6, 2), np.int64),
+                          "train_user": np.zeros(6, np.int64), "num_items": 9})()
+    tables = type("T", (), {"inputs": lambda self, h, u: (h, u), "target": torch.zeros(10, 1)})()
+    ctx = type("C", (), {"shard": lambda self, n, seed: np.arange(n)})()
+    config = {"seed": 0, "batch_size": 2, "lr": 0.01, "lr_schedule": "inverse_sqrt", "warmup_steps": 4}
+    generative.train_epoch(ctx, step, opt, tables, data, config, epoch=2)  # steps 7, 8, 9
+    assert seen == pytest.approx([0.01 * (4 / s) ** 0.5 for s in (7, 8, 9)])
 
 
 def test_cli_trains_then_evaluates(built, tiny_config, capsys):
