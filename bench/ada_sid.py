@@ -31,6 +31,7 @@ code weights) and ``generative-<name>``; plus ``ranker-itemid`` (item ID only). 
                         the same with fewer collisions: RQ-VAE latent 16 + uniformity 0.5; RQ-KMeans on the
                         whitened top 16 principal components (not in the default list; ``--tokenizers`` and
                         ``--out bench/results/sid_shape.json`` keep them apart from the ADA-SID table)
+    letter              LETTER's published Beauty IDs (4 levels x 256, imported; Beauty only)
 
 Every stage skips itself when its config and inputs are unchanged, so a stopped bench continues where it
 stopped and ``--report-only`` aggregates whatever exists. Results (per seed and mean ± std over seeds)
@@ -78,8 +79,10 @@ TOKENIZERS: dict[str, list[str]] = {
                        "tokenize.rqkmeans.pca_dim=0"],
     "rqkmeans-3x256-pca16w": ["tokenize.method=rqkmeans", "tokenize.name=rqkmeans-3x256-pca16w", *TIGER_SHAPE,
                               "tokenize.rqkmeans.pca_dim=16", "tokenize.rqkmeans.whiten=true"],
+    "letter": ["tokenize.method=precomputed", "tokenize.name=letter",
+               "tokenize.path=amazon-beauty-2014/LETTER_Beauty.index.json"],
 }
-SHAPE_3X256 = [t for t in TOKENIZERS if "3x256" in t]
+SHAPE_3X256 = [t for t in TOKENIZERS if "3x256" in t or t == "letter"]
 DEFAULT_TOKENIZERS = [t for t in TOKENIZERS if t != "ada-sid-count" and t not in SHAPE_3X256]
 REUSABLE = ("prepare", "embed", "sasrec")
 GROUPS = ("", "/head", "/tail")

@@ -93,11 +93,11 @@ def bench_beam(model: TIGER, codes: np.ndarray, args: argparse.Namespace) -> lis
         batches = [(hist[lo : lo + bs], user[lo : lo + bs] if model.config.user_tokens else None)
                    for lo in range(0, users + bs, bs)]
         h0, u0 = batches[0]
-        beam_search(model, h0, trie, args.beam, args.top_k, u0)  # warm-up
+        beam_search(model, h0, trie, args.beam, args.top_k, u0, cache=args.cache)  # warm-up
         found = 0
         t0 = time.perf_counter()
         for h, u in batches[1:]:
-            items, _ = beam_search(model, h, trie, args.beam, args.top_k, u)
+            items, _ = beam_search(model, h, trie, args.beam, args.top_k, u, cache=args.cache)
             found += int((items >= 0).sum())
         wall = time.perf_counter() - t0
         rows.append({"batch_size": bs, "users": users, "seconds": round(wall, 3),
@@ -184,6 +184,8 @@ def main() -> None:
     ap.add_argument("--train-steps", type=int, default=50, help="steps timed, scaled to an epoch (0: skip)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (see the module doc)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-cache", dest="cache", action="store_false",
+                    help="re-decode every prefix at each step instead of keeping the decoder's keys and values")
     ap.add_argument("--out", default="bench/results/generate.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -199,7 +201,7 @@ def main() -> None:
         "command": " ".join(shlex.quote(a) for a in [".venv/bin/python", *sys.argv]),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "config": args.config, "catalogue": source,
         "items": len(codes), "level_sizes": list(sizes), "beam": args.beam, "top_k": args.top_k,
-        "history": args.history, "beam_search": beam_rows, "train": train,
+        "history": args.history, "kv_cache": args.cache, "beam_search": beam_rows, "train": train,
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
     }

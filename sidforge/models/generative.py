@@ -333,6 +333,24 @@ class SelfAttention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, inner)  # (B, T, nh * hs)
         return self.resid_dropout(self.c_proj(y))
 
+    def step(self, x: Tensor, past: tuple[Tensor, Tensor] | None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """Causal attention for one new position, reusing the earlier positions' keys and values.
+
+        Args:
+            x: ``(N, 1, C)`` the newest position of ``N`` sequences.
+            past: keys and values of the earlier positions, each ``(N, nh, t, hs)``; None at the first.
+
+        Returns:
+            ``((N, 1, C) output, (keys, values) now (N, nh, t + 1, hs))``.
+        """
+        N = x.shape[0]
+        inner = self.n_head * self.head_dim
+        q, k, v = (t.view(N, 1, self.n_head, self.head_dim).transpose(1, 2) for t in self.c_attn(x).split(inner, 2))
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # (N, nh, t + 1, hs)
+        y = F.scaled_dot_product_attention(q, k, v)  # the newest position sees every earlier one
+        return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(N, 1, inner))), (k, v)
+
 
 class CrossAttention(nn.Module):
     """Decoder queries attend to the encoder memory; keys/values are projected once per batch."""
@@ -421,6 +439,16 @@ class DecoderBlock(nn.Module):
         x = x + self.attn(self.ln_1(x).view(B * W, T, C), causal=True).view(B, W, T, C)
         x = x + self.cross(self.ln_2(x).view(B, W * T, C), kv, key_mask).view(B, W, T, C)
         return x + self.mlp(self.ln_3(x))
+
+    def step(self, x: Tensor, kv: tuple[Tensor, Tensor], key_mask: Tensor,
+             past: tuple[Tensor, Tensor] | None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """:meth:`forward` for the newest position only: ``(B, W, 1, C)`` and the self-attention cache
+        (see :meth:`SelfAttention.step`, sequences ordered user-major as ``B * W``)."""
+        B, W, _, C = x.shape
+        h, present = self.attn.step(self.ln_1(x).view(B * W, 1, C), past)
+        x = x + h.view(B, W, 1, C)
+        x = x + self.cross(self.ln_2(x).view(B, W, C), kv, key_mask).view(B, W, 1, C)
+        return x + self.mlp(self.ln_3(x)), present
 
 
 class TIGER(nn.Module):
@@ -512,6 +540,30 @@ class TIGER(nn.Module):
             x = block(x, block_kv, key_mask)
         return self.lm_head(self.ln_dec(x))  # (B, W, T, V)
 
+    def decode_step(self, tokens: Tensor, position: int, kv: list[tuple[Tensor, Tensor]], key_mask: Tensor,
+                    past: list[tuple[Tensor, Tensor]] | None) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+        """Next-token logits for the newest token of ``W`` prefixes per user, with a key/value cache.
+
+        Equal to ``decode(prefixes, ...)[:, :, -1]`` but costs one position instead of ``position + 1``.
+
+        Args:
+            tokens: ``(B, W)`` the token at ``position`` of each prefix (:data:`BOS` at 0).
+            position: its index in the decoder input.
+            kv, key_mask: from :meth:`memory_kv` and :meth:`encode`.
+            past: the cache this method returned for ``position - 1`` (rows reordered to the
+                surviving prefixes, see :func:`beam_search`); None at position 0.
+
+        Returns:
+            ``((B, W, output_vocab) logits, the cache including position)``.
+        """
+        pos = self.dec_pos(torch.tensor(position, device=tokens.device))
+        x = self.drop(self.tok_emb(tokens) + pos)[:, :, None]  # (B, W, 1, C)
+        present = []
+        for i, (block, block_kv) in enumerate(zip(self.decoder, kv)):
+            x, cache = block.step(x, block_kv, key_mask, None if past is None else past[i])
+            present.append(cache)
+        return self.lm_head(self.ln_dec(x[:, :, 0])), present
+
     def loss(self, history: Tensor, target: Tensor, user: Tensor | None = None) -> TIGEROutput:
         """Teacher-forced cross-entropy of the next item's ID.
 
@@ -548,7 +600,7 @@ def _constrained_log_probs(logits: Tensor, allowed: Tensor) -> Tensor:
 
 @torch.no_grad()
 def beam_search(model: TIGER, history: Tensor, trie: ItemTrie, beam_size: int = 20, top_k: int | None = None,
-                user: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                user: Tensor | None = None, cache: bool = True) -> tuple[Tensor, Tensor]:
     """Generate the ``top_k`` most likely next items, expanding only prefixes of real IDs.
 
     Each step keeps the ``beam_size`` best unfinished prefixes per user. A prefix finishes as soon as
@@ -566,6 +618,8 @@ def beam_search(model: TIGER, history: Tensor, trie: ItemTrie, beam_size: int = 
         beam_size: unfinished prefixes kept per user and step.
         top_k: items returned per user (default ``beam_size``).
         user: ``(B,)`` user-hash buckets when the model has user tokens.
+        cache: keep the decoder's self-attention keys and values between steps (each step then decodes
+            one position per prefix); False re-decodes every prefix from :data:`BOS` (same result).
 
     Returns:
         ``(items (B, top_k) long, scores (B, top_k))`` sorted by descending score (constrained
@@ -593,11 +647,16 @@ def beam_search(model: TIGER, history: Tensor, trie: ItemTrie, beam_size: int = 
     nodes = torch.zeros(B, 1, dtype=torch.long, device=device)  # (B, W) trie node of each live prefix
     scores = torch.zeros(B, 1, dtype=dtype, device=device)  # (B, W) -inf = no prefix in that slot
     prefix = torch.zeros(B, 1, 0, dtype=torch.long, device=device)  # (B, W, t) tokens so far
+    past: list[tuple[Tensor, Tensor]] | None = None
     for t in range(trie.depth):
         W, V = nodes.shape[1], trie.vocab_size
-        bos = torch.full((B, W, 1), BOS, dtype=torch.long, device=device)
-        inputs = torch.cat([bos, prefix], dim=2)  # (B, W, t + 1)
-        logits = model.decode(inputs, kv, key_mask)[:, :, -1]  # (B, W, V)
+        if cache:
+            newest = prefix[:, :, -1] if t else torch.full((B, W), BOS, dtype=torch.long, device=device)
+            logits, past = model.decode_step(newest, t, kv, key_mask, past)  # (B, W, V)
+        else:
+            bos = torch.full((B, W, 1), BOS, dtype=torch.long, device=device)
+            inputs = torch.cat([bos, prefix], dim=2)  # (B, W, t + 1)
+            logits = model.decode(inputs, kv, key_mask)[:, :, -1]  # (B, W, V)
         allowed = trie.allowed(nodes.reshape(-1)).view(B, W, V) & torch.isfinite(scores)[..., None]
         cand = (scores[..., None] + _constrained_log_probs(logits, allowed)).view(B, W * V)  # (B, W * V)
         # The best beam_size live ones are among the best beam_size + top_k; the rest cannot finish in the top_k.
@@ -620,6 +679,9 @@ def beam_search(model: TIGER, history: Tensor, trie: ItemTrie, beam_size: int = 
         parent = beam.gather(1, keep)  # (B, W')
         prefix = torch.cat([prefix.gather(1, parent[..., None].expand(-1, -1, t)),
                             token.gather(1, keep)[..., None]], dim=2)  # (B, W', t + 1)
+        if past is not None:  # the surviving prefixes' cache rows: (B * W, nh, t + 1, hs) -> (B * W', ...)
+            rows = (parent + torch.arange(B, device=device)[:, None] * W).reshape(-1)
+            past = [(k[rows], v[rows]) for k, v in past]
     model.train(was_training)
     return done_items, done_scores
 

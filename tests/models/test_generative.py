@@ -11,6 +11,7 @@ import torch
 
 from sidforge.models import generative
 from sidforge.models.generative import (
+    BOS,
     EOS,
     PAD,
     TIGER,
@@ -185,6 +186,30 @@ def test_every_beam_output_is_a_real_item_scored_exactly(kind, beam_size, top_k)
     exact = score_items(model, hist, codes)  # ... with its exact constrained log-probability
     rows = (items.clamp(min=100) - 100) // 7
     torch.testing.assert_close(scores[found], exact.gather(1, rows)[found])
+
+
+@pytest.mark.parametrize("kind", ["fixed", "variable"])
+def test_cached_decoding_equals_re_decoding_every_prefix(kind):
+    sizes = (5, 6, 4) if kind == "fixed" else (4, 4, 4)
+    codes = unique_codes(60, sizes, seed=3) if kind == "fixed" else VARIABLE
+    model = tiny_model(sizes, seed=3, sharpen=5.0)
+    hist = histories(codes, sizes, batch=5, length=4, seed=3)
+    # one step at a time: the cached logits of the newest token are the full decode's last position
+    memory, key_mask = model.encode(hist)
+    kv = model.memory_kv(memory)
+    prefix = torch.randint(0, 4, (5, 3, 3))
+    inputs = torch.cat([torch.full((5, 3, 1), BOS), prefix], dim=2)
+    past = None
+    for t in range(inputs.shape[2]):
+        logits, past = model.decode_step(inputs[:, :, t], t, kv, key_mask, past)
+        torch.testing.assert_close(logits, model.decode(inputs[:, :, : t + 1], kv, key_mask)[:, :, -1])
+    # and the beam search, whose beams are reordered between steps, returns the same lists
+    trie = ItemTrie(codes, sizes)
+    for beam_size, top_k in ((3, 10), (8, 8)):
+        cached = beam_search(model, hist, trie, beam_size, top_k)
+        plain = beam_search(model, hist, trie, beam_size, top_k, cache=False)
+        assert torch.equal(cached[0], plain[0])
+        torch.testing.assert_close(cached[1], plain[1])
 
 
 def test_beam_search_ignores_extra_left_padding_and_needs_matching_vocabularies():
