@@ -3,9 +3,11 @@
     python bench/sid_quality.py --config configs/amazon-beauty.yaml          # after prepare + embed
     python bench/sid_quality.py --skip-benchmark --synthetic-items 1000000   # the scale check only
 
-On the benchmark run directory it fits RQ-KMeans and RQ-VAE (3 × 256 by default, the config's
-``tokenize`` section otherwise) through the tokenize stage, imports LETTER's published IDs when
-``--letter`` names them, and prints the quality table of each. At scale it times residual k-means
+On the benchmark run directory it fits RQ-KMeans (the config's settings, and on the raw vectors) and
+RQ-VAE (3 × 256 by default, the config's ``tokenize`` section otherwise) through the tokenize stage,
+imports LETTER's published IDs when ``--letter`` names them, and prints the quality table of each
+(one seed; bench/ada_sid.py ``--tokenizers rqkmeans-3x256,...`` gives the same over seeds with the
+ranker downstream). At scale it times residual k-means
 (faiss) on synthetic clustered 384-d vectors: fit (3 levels) and assignment of every item. Results go
 to bench/results/sid_quality.json.
 """
@@ -32,7 +34,10 @@ from sidforge.stages import tokenize
 
 def bench_benchmark(config: str, letter: str, overrides: list[str]) -> dict:
     results = {}
-    variants = [("rqkmeans", ["tokenize.method=rqkmeans"]), ("rqvae", ["tokenize.method=rqvae"])]
+    variants = [("rqkmeans", ["tokenize.method=rqkmeans"]),
+                ("rqkmeans-raw", ["tokenize.method=rqkmeans", "tokenize.rqkmeans.pca_dim=0",
+                                  "tokenize.name=rqkmeans-raw"]),
+                ("rqvae", ["tokenize.method=rqvae"])]
     if letter:
         variants.append(("letter", ["tokenize.method=precomputed", f"tokenize.path={letter}", "tokenize.name=letter"]))
     for name, extra in variants:
