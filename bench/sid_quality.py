@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from sidforge.cli import format_table, quality_rows
-from sidforge.models.quantizers import residual_kmeans
+from sidforge.models.quantizers import pca_projection, residual_kmeans
 from sidforge.platform.artifacts import RunDir
 from sidforge.platform.config import load_config
 from sidforge.platform.datasets import resolve_data_dir
@@ -69,20 +69,24 @@ def synthetic(n: int, dim: int, clusters: int, seed: int) -> np.ndarray:
     return x
 
 
-def bench_scale(n: int, dim: int, levels: int, k: int, seed: int) -> dict:
+def bench_scale(n: int, dim: int, levels: int, k: int, seed: int, pca_dim: int = 0) -> dict:
+    """Fit and assign at scale through the tokenizer (with ``pca_dim``: projection fitted and applied too)."""
     x = synthetic(n, dim, clusters=2000, seed=seed)
     t0 = time.perf_counter()
-    books, codes = residual_kmeans(x, levels, k, niter=20, seed=seed)
+    projection = pca_projection(x, pca_dim, whiten=True) if pca_dim else None
+    tok = tokenize.Tokenizer("rqkmeans", dim, levels, k, projection=projection)
+    tok.codebooks, codes = residual_kmeans(tok.project(x), levels, k, niter=20, seed=seed)
     fit_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    again = tokenize._residual_codes(x, books)
+    again = tok.assign(x)
     assign_s = time.perf_counter() - t0
     distinct = len(np.unique(codes, axis=0))
-    out = {"items": n, "dim": dim, "levels": levels, "codebook_size": k, "fit_s": round(fit_s, 1),
-           "assign_s": round(assign_s, 1), "distinct_ids": distinct, "codes_reproduced": bool((again == codes).all())}
-    print(format_table([(f"{n:,} × {dim}", f"{levels} × {k}", f"{fit_s:.1f}", f"{assign_s:.1f}",
+    out = {"items": n, "dim": dim, "pca_dim": pca_dim, "levels": levels, "codebook_size": k,
+           "fit_s": round(fit_s, 1), "assign_s": round(assign_s, 1), "distinct_ids": distinct,
+           "codes_reproduced": bool((again == codes).all())}
+    print(format_table([(f"{n:,} × {dim}", pca_dim or "–", f"{levels} × {k}", f"{fit_s:.1f}", f"{assign_s:.1f}",
                          f"{1 - distinct / n:.2%}")],
-                       ("items", "levels × K", "fit (s)", "assign all (s)", "items needing a digit")))
+                       ("items", "PCA", "levels × K", "fit (s)", "assign all (s)", "items needing a digit")))
     return out
 
 
@@ -95,6 +99,7 @@ def main() -> None:
     ap.add_argument("--skip-benchmark", action="store_true")
     ap.add_argument("--synthetic-items", type=int, default=1_000_000, help="0 skips the scale check")
     ap.add_argument("--dim", type=int, default=384)
+    ap.add_argument("--pca-dim", type=int, default=0, help="scale check: quantize the whitened top components")
     ap.add_argument("--out", default="bench/results/sid_quality.json")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -107,7 +112,7 @@ def main() -> None:
     if not args.skip_benchmark:
         result["benchmark"] = bench_benchmark(args.config, args.letter, args.overrides)
     if args.synthetic_items:
-        result["scale"] = bench_scale(args.synthetic_items, args.dim, 3, 256, seed=0)
+        result["scale"] = bench_scale(args.synthetic_items, args.dim, 3, 256, seed=0, pca_dim=args.pca_dim)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=str))
