@@ -39,12 +39,15 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 
 def _finite(field: str, values: Any, dim: int) -> np.ndarray:
-    x = np.asarray(values, dtype=np.float32)
+    x = np.asarray(values, dtype=np.float64)  # checked before the float32 cast, which would overflow to inf
     if x.ndim != 1 or len(x) != dim:
         raise BadInput(field, f"expected {dim} numbers, got {len(x) if x.ndim == 1 else x.shape}")
     if not np.isfinite(x).all():
         raise BadInput(field, f"contains NaN or infinity at position {int(np.flatnonzero(~np.isfinite(x))[0])}")
-    return x
+    if (big := np.abs(x) > np.finfo(np.float32).max).any():
+        raise BadInput(field, f"value at position {int(np.flatnonzero(big)[0])} is beyond the float32 range "
+                              f"(±{np.finfo(np.float32).max:.3g})")
+    return x.astype(np.float32)
 
 
 def check_items(plan: ServingPlan, items: list[Item], where: str = "items") -> None:

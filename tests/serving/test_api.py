@@ -87,6 +87,8 @@ BAD: list[tuple[str, str, object, int, str, str]] = [
      "items[0].features.text", "unknown modality"),
     ("NaN", "/items/assign", NAN_BODY, 422, "items[0].embedding[0]", "finite"),
     ("Infinity", "/items/assign", INF_BODY, 422, "items[0].features.content[1]", "finite"),
+    ("beyond float32", "/items/assign", {"items": [{"embedding": [0.1] * 3 + [1e39] + [0.1] * 12}]}, 422,
+     "items[0].embedding", "position 3 is beyond the float32 range"),
     ("two forms at once", "/items/assign", {"items": [{"embedding": [0.1] * 16, "features": {"content": [0.1] * 16}}]},
      422, "items[0]", "exactly one of"),
     ("raw content on a precomputed run", "/items/assign", {"items": [{"content": {"title": "a lamp"}}]}, 422,
