@@ -499,6 +499,15 @@ def _write_file(path: Path, content: pa.Table | bytes) -> None:
         pacsv.write_csv(content, path)
 
 
+def _write_parts(folder: Path, fmt: str, contents: list[pa.Table | bytes]) -> tuple[list[Path], Path]:
+    """``folder/part<k>.<fmt>`` per content; returns the files and what to load (the file when alone)."""
+    folder.mkdir()
+    files = [folder / f"part{k}.{fmt}" for k in range(len(contents))]
+    for path, content in zip(files, contents):
+        _write_file(path, content)
+    return files, files[0] if len(files) == 1 else folder
+
+
 def _read(path: Path, fmt: str) -> tuple[pa.Schema, list[str]] | None:
     """The schema and column names the format's own reader sees (None: it cannot read the file): the
     whole CSV, read as prepare reads it, or the Parquet schema (the adapter checks schemas; prepare
@@ -586,12 +595,7 @@ def _rows_as_prepare_reads(path: Path, fmt: str) -> pa.Table:
 def test_table_logs_are_listed_whole_or_refused_naming_file_and_column(case: tuple[str, list]):
     fmt, contents = case
     with _scratch() as d:
-        folder = d / "logs"
-        folder.mkdir()
-        files = [folder / f"part{k}.{fmt}" for k in range(len(contents))]
-        for path, content in zip(files, contents):
-            _write_file(path, content)
-        target = files[0] if len(files) == 1 else folder
+        files, target = _write_parts(d / "logs", fmt, contents)
         model = _interactions_model(files, fmt)
         if isinstance(model, tuple):
             bad_file, needles = model
@@ -678,12 +682,7 @@ def test_table_items_keep_every_row_or_are_refused_naming_file_and_column(case: 
     with _scratch() as d:
         logs = d / "logs.parquet"
         pq.write_table(pa.table({"user_id": [1], "item_id": [1], "position": [0]}), logs)
-        folder = d / "items"
-        folder.mkdir()
-        files = [folder / f"part{k}.{fmt}" for k in range(len(contents))]
-        for path, content in zip(files, contents):
-            _write_file(path, content)
-        target = files[0] if len(files) == 1 else folder
+        files, target = _write_parts(d / "items", fmt, contents)
         if _first_empty(files):
             _raises(lambda: load_table(logs, target), str(_first_empty(files)), "empty")
             return
@@ -699,7 +698,7 @@ def test_table_items_keep_every_row_or_are_refused_naming_file_and_column(case: 
         try:
             table = pa.concat_tables(tables, promote_options="default")
         except (pa.ArrowInvalid, pa.ArrowTypeError):
-            _raises(lambda: load_table(logs, target), str(folder), "different types")
+            _raises(lambda: load_table(logs, target), str(d / "items"), "different types")
             return
         model = _items_model(table)
         if isinstance(model, list):
