@@ -45,7 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["SASRec", "SASRecConfig", "SASRecOutput", "SIDSimilarityBias", "sample_negatives"]
+__all__ = ["SASRec", "SASRecConfig", "SASRecOutput", "SIDSimilarityBias", "sample_negatives",
+           "sample_unseen_negatives"]
 
 
 @dataclass(frozen=True)
@@ -164,6 +165,37 @@ def sample_negatives(targets: Tensor, num_items: int, generator: torch.Generator
     r = torch.randint(0, num_items - 1, targets.shape, generator=generator, device=device)
     r = r.to(targets.device)
     return r + (r >= targets).long()
+
+
+def sample_unseen_negatives(targets: Tensor, seen: Tensor, num_items: int,
+                            generator: torch.Generator | None = None, max_rounds: int = 32) -> Tensor:
+    """One negative per position, uniformly among the items its user has not interacted with.
+
+    This is the published SASRec's sampler: a negative is never one of the user's own items, so the
+    loss never pushes down an item the user did pick. Draws that hit a seen item are redrawn, for at most
+    ``max_rounds`` rounds; a position still clashing after that (a user who has seen nearly the whole
+    catalogue) keeps a draw that is only guaranteed to differ from its target.
+
+    Args:
+        targets: ``(B, T)`` item ids; pad entries (``num_items``) get any real item.
+        seen: ``(B, S)`` each row's interacted items, padded with ``num_items`` (which matches no item).
+        num_items: catalogue size (at least 2).
+        generator: optional RNG for reproducible draws (see :func:`sample_negatives`).
+        max_rounds: redraw rounds before the fallback.
+
+    Returns:
+        Long tensor shaped like ``targets`` with values in ``[0, num_items)``, never the target.
+    """
+    if seen.dim() != 2 or targets.dim() != 2 or seen.shape[0] != targets.shape[0]:
+        raise ValueError(f"seen {tuple(seen.shape)} must be (B, S) with the B of targets {tuple(targets.shape)}")
+    seen = seen.to(targets.device)
+    negatives = sample_negatives(targets, num_items, generator)
+    for _ in range(max_rounds):
+        clash = (negatives.unsqueeze(-1) == seen.unsqueeze(1)).any(-1)  # (B, T): the draw is one of the row's
+        if not bool(clash.any()):
+            break
+        negatives = torch.where(clash, sample_negatives(targets, num_items, generator), negatives)
+    return negatives
 
 
 class CausalSelfAttention(nn.Module):

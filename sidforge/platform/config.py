@@ -224,6 +224,9 @@ class SASRecTrainConfig:
         hidden, layers, heads, ffn_hidden, dropout, max_len: the model (see ``SASRecConfig``);
             ``max_len`` also truncates every history to its most recent items.
         loss: ``ce`` (full softmax) or ``bce`` (one sampled negative per position, the paper's loss).
+        negatives: BCE's negative sampler: ``any`` (uniform over the items other than the target) or
+            ``unseen`` (uniform over the items the user never interacted with, the published SASRec's
+            sampler). Ignored by ``ce``.
         lr, weight_decay: AdamW.
         batch_size: users per step and per worker.
         epochs: epoch budget; ``patience`` evaluations without a better valid NDCG@10 stop earlier.
@@ -257,6 +260,7 @@ class SASRecTrainConfig:
     dropout: float = 0.2
     max_len: int = 50
     loss: Literal["ce", "bce"] = "ce"
+    negatives: Literal["any", "unseen"] = "any"
     lr: float = 1e-3
     weight_decay: float = 0.0
     batch_size: int = 256

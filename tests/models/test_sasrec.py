@@ -11,7 +11,13 @@ import torch
 import torch.nn.functional as F
 
 from sidforge.models import sasrec
-from sidforge.models.sasrec import SASRec, SASRecConfig, SASRecOutput, sample_negatives
+from sidforge.models.sasrec import (
+    SASRec,
+    SASRecConfig,
+    SASRecOutput,
+    sample_negatives,
+    sample_unseen_negatives,
+)
 
 N_ITEMS = 20
 
@@ -225,6 +231,29 @@ def test_sample_negatives_avoid_target_and_cover_catalogue() -> None:
     assert set(negatives.unique().tolist()) == set(range(N_ITEMS))
     first = sample_negatives(targets, N_ITEMS, torch.Generator().manual_seed(1))
     assert torch.equal(first, sample_negatives(targets, N_ITEMS, torch.Generator().manual_seed(1)))
+
+
+def test_unseen_negatives_avoid_the_users_items_and_are_uniform_over_the_rest() -> None:
+    gen = torch.Generator().manual_seed(0)
+    pad = N_ITEMS
+    # row 0 has seen 15 of the 20 items (and padding), row 1 only item 3
+    seen = torch.tensor([list(range(15)) + [pad] * 3, [3] + [pad] * 17])
+    targets = torch.tensor([[0, 4, 9, 14] * 500, [3] * 2000])
+    negatives = sample_unseen_negatives(targets, seen, N_ITEMS, gen)
+    assert negatives.shape == targets.shape and (negatives != targets).all()
+    assert not torch.isin(negatives[0], seen[0]).any()
+    counts = torch.bincount(negatives[0], minlength=N_ITEMS)[15:]  # 2000 draws over the 5 unseen items
+    assert counts.min() > 300 and counts.max() < 500, counts
+    assert not (negatives[1] == 3).any() and set(negatives[1].unique().tolist()) == set(range(N_ITEMS)) - {3}
+
+
+def test_unseen_negatives_fall_back_to_any_other_item_when_everything_was_seen() -> None:
+    seen = torch.arange(N_ITEMS)[None]
+    targets = torch.tensor([[5, 6, N_ITEMS]])
+    negatives = sample_unseen_negatives(targets, seen, N_ITEMS, torch.Generator().manual_seed(0), max_rounds=2)
+    assert (negatives[0, :2] != targets[0, :2]).all() and negatives.max() < N_ITEMS
+    with pytest.raises(ValueError, match="seen"):
+        sample_unseen_negatives(targets, seen[0], N_ITEMS)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from sidforge.models.sasrec import SASRec, SASRecConfig
+from sidforge.models.sasrec import SASRec, SASRecConfig, sample_unseen_negatives
 from sidforge.platform.artifacts import RunDir
 from sidforge.platform.config import Config, ConfigError, load_config
 from sidforge.stages import prepare, sasrec
@@ -154,6 +154,34 @@ def test_stage_trains_in_process_far_above_random_and_writes_its_outputs(prepare
     assert again.skipped and again.metrics == res.metrics
     assert not run.is_current("sasrec", sasrec.stage_config_hash(tiny_config("sasrec.lr=0.01")), entry.inputs)
     assert sasrec.stage_config_hash(tiny_config("sasrec.epochs=4", "sasrec.max_failures=3")) == entry.config_hash
+
+
+def test_the_negative_sampler_counts_in_the_hash_only_where_it_changes_training(tiny_config):
+    ce, bce = tiny_config("sasrec.loss=ce"), tiny_config("sasrec.loss=bce")
+    assert sasrec.stage_config_hash(tiny_config("sasrec.loss=ce", "sasrec.negatives=unseen")) == \
+        sasrec.stage_config_hash(ce)
+    assert sasrec.stage_config_hash(tiny_config("sasrec.loss=bce", "sasrec.negatives=any")) == \
+        sasrec.stage_config_hash(bce)
+    assert sasrec.stage_config_hash(tiny_config("sasrec.loss=bce", "sasrec.negatives=unseen")) != \
+        sasrec.stage_config_hash(bce)
+    with pytest.raises(ConfigError, match="sasrec.negatives"):
+        tiny_config("sasrec.negatives=popular")
+
+
+@pytest.mark.ray
+def test_unseen_negatives_never_sample_the_users_own_items(prepared, tiny_config, monkeypatch):
+    cfg = tiny_config("sasrec.epochs=2", "sasrec.loss=bce", "sasrec.negatives=unseen")
+    calls = []
+
+    def spy(targets, seen, num_items, *args, **kwargs):
+        negatives = sample_unseen_negatives(targets, seen, num_items, *args, **kwargs)
+        calls.append(any(bool(torch.isin(negatives[i], seen[i]).any()) for i in range(len(seen))))
+        return negatives
+
+    monkeypatch.setattr(sasrec, "sample_unseen_negatives", spy)
+    res = sasrec.run(cfg, _run_dir(prepared, cfg))
+    assert calls and not any(calls)  # every batch drew its negatives outside the users' sequences
+    assert res.metrics["test"]["recall@10"] > 5 * 10 / res.rows["items"]
 
 
 @pytest.mark.ray
