@@ -231,8 +231,9 @@ class SASRecTrainConfig:
         batch_size: users per step and per worker.
         epochs: epoch budget; ``patience`` evaluations without a better valid NDCG@10 stop earlier.
         eval_every: evaluate on valid every this many epochs (and after the last one).
-        exclude_history: drop a user's history items from the candidates at evaluation; the published
-            Beauty protocol keeps them, so the default is False.
+        exclude_history: drop a user's history items from the candidates at evaluation. The default keeps
+            them (stricter); S3-Rec's and RecBole's full ranking, behind the published Beauty figures, leave
+            them out, and the stage reports that protocol beside either way.
         num_workers: Ray Train workers; 0 trains in the calling process.
         cpus_per_worker: CPUs per worker (and its torch threads).
         max_failures: worker-failure retries from the latest epoch checkpoint.

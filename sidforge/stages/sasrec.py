@@ -13,7 +13,8 @@ uses each user's ``train`` part with a next-item target at every position (the m
 ``max_len + 1`` items); valid predicts the valid item from the train prefix; test predicts the test
 item from train + valid. Histories hold ``train`` (and ``valid``) interactions only: the ``heldout``
 interactions of cold items never reach the model. Candidates are the full catalogue; history items are
-kept unless ``sasrec.exclude_history`` (the published Beauty numbers keep them). The test split is also
+kept unless ``sasrec.exclude_history`` (the stricter default; S3-Rec's and RecBole's full ranking leave
+them out, as far as we know, and so do the Beauty figures they publish). The test split is also
 scored under the other protocol (``test_history_excluded`` or ``test_history_kept`` in the metrics), for
 comparison with figures published under it; selection never looks at either.
 
