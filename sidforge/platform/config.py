@@ -282,6 +282,11 @@ class SASRecTrainConfig:
     contrastive_weight: float = 0.0
     contrastive_temperature: float = 0.1
 
+    @property
+    def unseen_negatives(self) -> bool:
+        """BCE draws its negatives among the user's unseen items (``negatives`` means nothing to CE)."""
+        return self.loss == "bce" and self.negatives == "unseen"
+
     def __post_init__(self) -> None:
         for name in ("hidden", "layers", "heads", "ffn_hidden", "max_len", "batch_size", "epochs", "patience",
                      "eval_every"):

@@ -128,7 +128,7 @@ def stage_config_hash(cfg: Config) -> str:
     s = cfg.sasrec
     unused = _OPERATIONAL + (_REWEIGHT_KEYS if s.reweight == "none" else ()) + (
         _CONTRASTIVE_KEYS if s.contrastive_weight == 0 else ()) + (
-        ("negatives",) if s.loss == "ce" or s.negatives == "any" else ())
+        () if s.unseen_negatives else ("negatives",))
     section = {k: v for k, v in dataclasses.asdict(s).items() if k not in unused}
     payload = json.dumps({"sasrec": section, "seed": cfg.seed}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
@@ -275,7 +275,7 @@ def loop_config(cfg: Config, data: Sequences, codes: np.ndarray | None = None) -
                          contrastive_temperature=s.contrastive_temperature)
     return {"model": dataclasses.asdict(model), "lr": s.lr, "weight_decay": s.weight_decay,
             "batch_size": s.batch_size, "epochs": s.epochs, "eval_every": s.eval_every,
-            "unseen_negatives": s.loss == "bce" and s.negatives == "unseen",
+            "unseen_negatives": s.unseen_negatives,
             "exclude_history": s.exclude_history, "seed": cfg.seed if s.seed is None else s.seed, "data": data,
             "sid_codes": codes}
 
@@ -350,7 +350,7 @@ def _train_epoch(ctx: WorkerContext, step: torch.nn.Module, opt: torch.optim.Opt
     bs, total, n = config["batch_size"], 0.0, 0
     for rows in length_buckets(order, data.train_inputs, data.num_items, bs, seed=config["seed"] + epoch):
         inputs, targets = _trimmed([data.train_inputs[rows], data.train_targets[rows]], data.num_items, ctx.device)
-        if config.get("unseen_negatives"):
+        if config["unseen_negatives"]:
             seen = torch.cat([inputs, targets[:, -1:]], dim=1)  # the user's whole training sequence
             out = step(inputs, targets, sample_unseen_negatives(targets, seen, data.num_items))
         else:
