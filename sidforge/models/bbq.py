@@ -32,7 +32,9 @@ Our choices where the paper (only its abstract and summary are available to us) 
   the ID, never sees the contrastive loss, and is zero for a new item.
 * **CLUB** is between the fused (pre-quantization) shared vector and the concatenated specific parts;
   q(specific | shared) is fitted by log-likelihood on detached samples in the same backward pass in which
-  the encoders minimise the estimate (disjoint parameters; one step each per batch).
+  the encoders minimise the estimate (disjoint parameters; one step each per batch). The encoders see
+  max(estimate, 0) (``mi_clamp``): a negative estimate means q lags behind, and pushing it further down
+  let the specific parts run away from q until both diverged.
 * **Assignment of a new item** uses its content only: behavior is unknown for a new item, and the codes
   never depend on e_b at inference (only the training did).
 
@@ -70,6 +72,10 @@ class BBQConfig:
         contrastive_weight: weight of the contrastive codebook loss (0 = ablation without it).
         temperature: InfoNCE temperature.
         mi_weight: weight of the CLUB estimate minimised by the encoders (0 = ablation without it).
+        mi_clamp: the encoders minimise max(estimate, 0) instead of the raw estimate. A negative estimate
+            only says q lags behind the encoders (the mutual information itself is >= 0); minimising it
+            further rewards the encoders for moving the specific parts away from q's prediction, which
+            diverged on Amazon Beauty without the contrastive loss (estimate -1e9, q's NLL 1e13).
         club_hidden: hidden width of CLUB's q network.
         contrastive_prefixes: apply the contrastive loss to every prefix of the ID (the first level's
             codeword, the first two, ...; averaged) instead of to the full quantized vector only.
@@ -89,6 +95,7 @@ class BBQConfig:
     contrastive_weight: float = 1.0
     temperature: float = 0.1
     mi_weight: float = 0.1
+    mi_clamp: bool = True
     club_hidden: int = 128
     contrastive_prefixes: bool = True
     slot_weight: float = 1.0
@@ -232,8 +239,9 @@ class BBQ(nn.Module):
         contrastive = self._contrastive_loss(shared, codes, self.behavior_proj(behavior))
         y = specific.flatten(1)  # (B, M * P)
         mi = self.club(shared, y, grad_to_q=False)
+        mi_term = mi.clamp(min=0.0) if c.mi_clamp else mi
         club_nll = self.club.learning_loss(shared, y)
-        loss = (recon + rq_loss + c.contrastive_weight * contrastive + c.mi_weight * mi + club_nll
+        loss = (recon + rq_loss + c.contrastive_weight * contrastive + c.mi_weight * mi_term + club_nll
                 + c.slot_weight * slot)
         metrics = {"recon": recon, "rq": rq_loss, "contrastive": contrastive, "mi": mi, "club_nll": club_nll,
                    "slot": slot}

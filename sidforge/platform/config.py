@@ -408,6 +408,8 @@ class BBQTrainConfig:
             averaged, so the coarse levels group behavior too (our choice); false = the full vector only.
         mi_weight: weight of the CLUB upper bound on I(shared; specific) minimised by the encoders;
             0 is the ablation without it (the CLUB network still trains, as a diagnostic).
+        mi_clamp: the encoders minimise max(CLUB estimate, 0): a negative estimate only means q lags
+            behind, and chasing it diverged (see :class:`sidforge.models.bbq.BBQConfig`).
         club_hidden: hidden width of CLUB's variational network q(specific | shared).
         item_slot: the extra learnable item-level slot (a per-item residual after the last level).
         slot_weight: L2 penalty on the slot, so the codes keep what they can explain.
@@ -429,6 +431,7 @@ class BBQTrainConfig:
     temperature: float = 0.1
     contrastive_prefixes: bool = True
     mi_weight: float = 0.1
+    mi_clamp: bool = True
     club_hidden: int = 128
     item_slot: bool = True
     slot_weight: float = 1.0

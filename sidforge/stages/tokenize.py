@@ -599,6 +599,7 @@ def fit_bbq(cfg: Config, run_dir: RunDir, data_dir: Path | None, seed: int, trai
                           codebook_size=tcfg.codebook_size, beta=bcfg.beta,
                           contrastive_weight=bcfg.contrastive_weight, temperature=bcfg.temperature,
                           contrastive_prefixes=bcfg.contrastive_prefixes, mi_weight=bcfg.mi_weight,
+                          mi_clamp=bcfg.mi_clamp,
                           club_hidden=bcfg.club_hidden, slot_weight=bcfg.slot_weight, dropout=bcfg.dropout)
     loop = {**_loop(model_cfg, bcfg, tcfg, seed), "x": x, "behavior": behavior}
     model = BBQ(model_cfg)
