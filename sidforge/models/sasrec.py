@@ -18,6 +18,9 @@ Conventions (our choices where the paper leaves them open):
 * **Blocks.** Pre-LN transformer blocks (``x + attn(LN(x))``, ``x + FFN(LN(x))``) with a final layer
   norm, as in the original implementation (which normalises before attention and FFN); the point-wise
   FFN uses GELU and an inner size ``ffn_hidden`` (RecBole's defaults) instead of the paper's ReLU/H.
+  ``norm="post"`` switches to the BERT-style blocks of S3-Rec's and RecBole's SASRec (``LN(x + attn(x))``,
+  ``LN(x + FFN(x))``, a layer norm on the input embeddings and none at the end): the implementation behind
+  the full-ranking Beauty figures that the literature quotes for SASRec.
 * **Output layer.** Tied to the item embedding: the score of item j is ``<h_t, E[j]>``.
 
 BBQRec's additions (our choices where the paper's summary is silent):
@@ -64,6 +67,8 @@ class SASRecConfig:
         loss: ``"ce"`` (full softmax over the catalogue) or ``"bce"`` (one sampled negative per
             position, as in the original paper).
         layer_norm_eps: epsilon of every layer norm.
+        norm: ``"pre"`` (pre-LN blocks and a final layer norm, as the original) or ``"post"`` (post-LN
+            blocks after a layer norm on the input embeddings, as S3-Rec's and RecBole's SASRec).
         init_std: standard deviation of the normal init of embeddings and linear weights.
         sid_levels: L, the number of semantic-ID levels the attention reweighting reads; 0 = none.
         reweight_match: ``"level"`` (per-level code matches) or ``"prefix"`` (cumulative prefix matches).
@@ -83,6 +88,7 @@ class SASRecConfig:
     dropout: float = 0.2
     loss: Literal["ce", "bce"] = "ce"
     layer_norm_eps: float = 1e-12
+    norm: Literal["pre", "post"] = "pre"
     init_std: float = 0.02
     sid_levels: int = 0
     reweight_match: Literal["level", "prefix"] = "level"
@@ -112,6 +118,8 @@ class SASRecConfig:
             raise ValueError(
                 f"loss={self.loss!r} is unknown; use 'ce' (full softmax) or 'bce' (one sampled negative)"
             )
+        if self.norm not in ("pre", "post"):
+            raise ValueError(f"norm={self.norm!r} is unknown; use 'pre' (the original) or 'post' (S3-Rec, RecBole)")
         if self.layer_norm_eps <= 0:
             raise ValueError(f"layer_norm_eps={self.layer_norm_eps} must be > 0 (e.g. 1e-12 or 1e-5)")
         if self.init_std <= 0:
@@ -293,10 +301,12 @@ class PointWiseFFN(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LN transformer block: ``x + attn(LN(x))`` then ``x + FFN(LN(x))``."""
+    """Transformer block: pre-LN ``x + attn(LN(x))`` then ``x + FFN(LN(x))``, or post-LN
+    ``LN(x + attn(x))`` then ``LN(x + FFN(x))`` with ``config.norm="post"``."""
 
     def __init__(self, config: SASRecConfig) -> None:
         super().__init__()
+        self.post = config.norm == "post"
         self.ln_1 = nn.LayerNorm(config.hidden, eps=config.layer_norm_eps)
         self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.LayerNorm(config.hidden, eps=config.layer_norm_eps)
@@ -304,6 +314,9 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, attn_mask: Tensor) -> Tensor:
         """Map ``(B, T, H)`` to ``(B, T, H)``; see :meth:`CausalSelfAttention.forward` for the mask."""
+        if self.post:
+            x = self.ln_1(x + self.attn(x, attn_mask))
+            return self.ln_2(x + self.mlp(x))
         x = x + self.attn(self.ln_1(x), attn_mask)
         x = x + self.mlp(self.ln_2(x))
         return x
@@ -326,7 +339,9 @@ class SASRec(nn.Module):
         self.pos_emb = nn.Embedding(config.max_len, config.hidden)
         self.emb_dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.num_layers)])
-        self.ln_f = nn.LayerNorm(config.hidden, eps=config.layer_norm_eps)
+        # pre-LN normalises the output of the last block; post-LN normalises the input embeddings instead
+        norm = nn.LayerNorm(config.hidden, eps=config.layer_norm_eps)
+        self.ln_emb, self.ln_f = (norm, nn.Identity()) if config.norm == "post" else (nn.Identity(), norm)
         self.apply(self._init_weights)
         # Built after the random init and drawing nothing: a reweighted model starts with exactly the
         # parameters of the plain one of the same seed.
@@ -395,7 +410,7 @@ class SASRec(nn.Module):
 
         # Positions count from the right so the most recent item always sits at max_len - 1.
         pos = torch.arange(self.config.max_len - T, self.config.max_len, device=input_ids.device)  # (T,)
-        x = self.item_emb(input_ids) + self.pos_emb(pos)  # (B, T, H)
+        x = self.ln_emb(self.item_emb(input_ids) + self.pos_emb(pos))  # (B, T, H)
         keep_f = keep.unsqueeze(-1).to(x.dtype)  # (B, T, 1)
         x = self.emb_dropout(x) * keep_f
         for block in self.blocks:

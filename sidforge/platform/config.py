@@ -224,6 +224,9 @@ class SASRecTrainConfig:
         hidden, layers, heads, ffn_hidden, dropout, max_len: the model (see ``SASRecConfig``);
             ``max_len`` also truncates every history to its most recent items.
         loss: ``ce`` (full softmax) or ``bce`` (one sampled negative per position, the paper's loss).
+        norm: ``pre`` (pre-LN blocks, as the original SASRec) or ``post`` (post-LN blocks after an input
+            layer norm, as S3-Rec's and RecBole's SASRec, whose full-ranking Beauty figures are the ones
+            quoted); see ``SASRecConfig.norm``.
         negatives: BCE's negative sampler: ``any`` (uniform over the items other than the target) or
             ``unseen`` (uniform over the items the user never interacted with, the published SASRec's
             sampler). Ignored by ``ce``.
@@ -261,6 +264,7 @@ class SASRecTrainConfig:
     dropout: float = 0.2
     max_len: int = 50
     loss: Literal["ce", "bce"] = "ce"
+    norm: Literal["pre", "post"] = "pre"
     negatives: Literal["any", "unseen"] = "any"
     lr: float = 1e-3
     weight_decay: float = 0.0

@@ -122,13 +122,13 @@ def stage_config_hash(cfg: Config) -> str:
     """Hash of what the outputs depend on: the ``sasrec`` section (minus operational keys) and the seed.
 
     The BBQRec settings count only when they are switched on (``reweight=sid``, ``contrastive_weight > 0``),
-    and the negative sampler only when BCE uses ``unseen``, so a plain SASRec keeps the hash it had before
-    they existed (its recorded runs stay current).
+    the negative sampler only when BCE uses ``unseen``, and the block layout only when it is ``post``, so a
+    plain SASRec keeps the hash it had before they existed (its recorded runs stay current).
     """
     s = cfg.sasrec
     unused = _OPERATIONAL + (_REWEIGHT_KEYS if s.reweight == "none" else ()) + (
         _CONTRASTIVE_KEYS if s.contrastive_weight == 0 else ()) + (
-        () if s.unseen_negatives else ("negatives",))
+        () if s.unseen_negatives else ("negatives",)) + (() if s.norm == "post" else ("norm",))
     section = {k: v for k, v in dataclasses.asdict(s).items() if k not in unused}
     payload = json.dumps({"sasrec": section, "seed": cfg.seed}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
@@ -268,7 +268,7 @@ def loop_config(cfg: Config, data: Sequences, codes: np.ndarray | None = None) -
     """What :func:`train_sasrec` receives: model fields, optimiser settings, the data and the SID codes."""
     s = cfg.sasrec
     model = SASRecConfig(num_items=data.num_items, max_len=s.max_len, hidden=s.hidden, num_layers=s.layers,
-                         num_heads=s.heads, ffn_hidden=s.ffn_hidden, dropout=s.dropout, loss=s.loss,
+                         num_heads=s.heads, ffn_hidden=s.ffn_hidden, dropout=s.dropout, loss=s.loss, norm=s.norm,
                          sid_levels=0 if codes is None else codes.shape[1], reweight_match=s.reweight_match,
                          reweight_init=s.reweight_init, reweight_learned=s.reweight_learned,
                          reweight_per_head=s.reweight_per_head, contrastive_weight=s.contrastive_weight,

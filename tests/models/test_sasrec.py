@@ -100,8 +100,9 @@ def test_too_long_input_is_rejected() -> None:
         model(torch.zeros(1, 13, dtype=torch.long))
 
 
-def test_causality_later_items_do_not_change_earlier_positions() -> None:
-    model = tiny_model(dropout=0.2)
+@pytest.mark.parametrize("norm", ["pre", "post"])
+def test_causality_later_items_do_not_change_earlier_positions(norm: str) -> None:
+    model = tiny_model(dropout=0.2, norm=norm)
     ids = torch.randint(0, N_ITEMS, (2, 9))
     changed = ids.clone()
     changed[:, 6] = (changed[:, 6] + 1) % N_ITEMS
@@ -111,8 +112,9 @@ def test_causality_later_items_do_not_change_earlier_positions() -> None:
     assert not torch.allclose(a[:, 6:], b[:, 6:])
 
 
-def test_last_hidden_is_invariant_to_extra_left_padding() -> None:
-    model = tiny_model(dropout=0.2)
+@pytest.mark.parametrize("norm", ["pre", "post"])
+def test_last_hidden_is_invariant_to_extra_left_padding(norm: str) -> None:
+    model = tiny_model(dropout=0.2, norm=norm)
     seqs = [[3, 1, 4, 1, 5], [9, 2, 6]]
     pad = model.config.pad_id
     with torch.no_grad():
@@ -124,13 +126,30 @@ def test_last_hidden_is_invariant_to_extra_left_padding() -> None:
         torch.testing.assert_close(scores[0], other, rtol=1e-5, atol=1e-6)
 
 
-def test_pad_positions_are_zero_and_finite() -> None:
-    model = tiny_model()
+@pytest.mark.parametrize("norm", ["pre", "post"])
+def test_pad_positions_are_zero_and_finite(norm: str) -> None:
+    model = tiny_model(norm=norm)
     ids = left_pad([[1, 2], [3, 4, 5, 6]], 6, model.config.pad_id)
     with torch.no_grad():
         hidden = model(ids)
     assert torch.isfinite(hidden).all()
     assert (hidden[0, :4] == 0).all() and (hidden[0, 4:].abs().sum(-1) > 0).all()
+
+
+def test_post_norm_normalises_the_embeddings_and_every_residual_sum() -> None:
+    post, pre = tiny_model(norm="post", num_layers=1), tiny_model(norm="pre", num_layers=1)
+    assert isinstance(post.ln_f, torch.nn.Identity) and isinstance(pre.ln_emb, torch.nn.Identity)
+    ids = torch.randint(0, N_ITEMS, (3, 7))
+    block = post.blocks[0]
+    with torch.no_grad():
+        pos = post.pos_emb(torch.arange(post.config.max_len - 7, post.config.max_len))
+        x = post.ln_emb(post.item_emb(ids) + pos)
+        mask = post._attn_mask(torch.ones_like(ids, dtype=torch.bool), None)
+        h = block.ln_1(x + block.attn(x, mask))
+        expected = block.ln_2(h + block.mlp(h))
+        torch.testing.assert_close(post(ids), expected, rtol=1e-5, atol=1e-6)
+        # the same weights in pre-LN order give something else
+        assert not torch.allclose(pre(ids), post(ids), atol=1e-3)
 
 
 def test_zero_attn_bias_is_identical_to_none() -> None:
@@ -272,9 +291,10 @@ def _successor_dataset(pad: int, max_len: int) -> tuple[torch.Tensor, torch.Tens
     return inputs, targets
 
 
-@pytest.mark.parametrize("loss", ["ce", "bce"])
-def test_tiny_overfit_learns_successor(loss: str) -> None:
-    model = tiny_model(loss=loss, max_len=5, hidden=16, num_layers=1, num_heads=1, ffn_hidden=32, dropout=0.0)
+@pytest.mark.parametrize("loss,norm", [("ce", "pre"), ("bce", "pre"), ("bce", "post")])
+def test_tiny_overfit_learns_successor(loss: str, norm: str) -> None:
+    model = tiny_model(loss=loss, max_len=5, hidden=16, num_layers=1, num_heads=1, ffn_hidden=32, dropout=0.0,
+                       norm=norm)
     inputs, targets = _successor_dataset(model.config.pad_id, model.config.max_len)
     gen = torch.Generator().manual_seed(0)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)

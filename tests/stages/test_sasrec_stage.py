@@ -8,6 +8,7 @@ import json
 import logging
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -166,6 +167,16 @@ def test_the_negative_sampler_counts_in_the_hash_only_where_it_changes_training(
         sasrec.stage_config_hash(bce)
     with pytest.raises(ConfigError, match="sasrec.negatives"):
         tiny_config("sasrec.negatives=popular")
+
+
+def test_the_block_layout_counts_in_the_hash_only_when_post(tiny_config):
+    plain = sasrec.stage_config_hash(tiny_config())
+    assert sasrec.stage_config_hash(tiny_config("sasrec.norm=pre")) == plain
+    assert sasrec.stage_config_hash(tiny_config("sasrec.norm=post")) != plain
+    catalogue = SimpleNamespace(num_items=5)
+    assert sasrec.loop_config(tiny_config("sasrec.norm=post"), catalogue)["model"]["norm"] == "post"
+    with pytest.raises(ConfigError, match="sasrec.norm"):
+        tiny_config("sasrec.norm=sandwich")
 
 
 @pytest.mark.ray
