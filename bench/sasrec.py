@@ -37,7 +37,8 @@ BUCKETS = ("head", "torso", "tail", "cold")
 #   s3rec:  S3-Rec's SASRec as its code has it (post-LN BERT blocks, hidden 64, 2 heads, feed-forward 256,
 #           batch 256, 200 epochs, patience 10) -> RUN/sasrec-bce-s3rec-post;
 #   post:   S3-Rec's model with the paper recipe's budget (300 epochs, patience 50) -> RUN/sasrec-bce-post.
-# Measured figures are in the README and the issue notes; the CE model's sizes with patience 5 stopped at 0.0342.
+# On Beauty (seeds 0-2, history excluded) post has the best valid R@10 (0.0743 ± 0.0010 vs paper's 0.0733 ± 0.0014)
+# and test R@10 0.0584 ± 0.0005 vs 0.0573 ± 0.0011 (s3rec, seed 0: 0.0532); the README has the table.
 _SHARED = ["sasrec.negatives=unseen", "sasrec.exclude_history=true"]
 _S3REC = ["sasrec.norm=post", "sasrec.hidden=64", "sasrec.heads=2", "sasrec.ffn_hidden=256", "sasrec.batch_size=256"]
 BCE_RECIPES = {
@@ -48,7 +49,7 @@ BCE_RECIPES = {
 }
 
 
-def run_one(config: str, loss: str, seed: int, root: Path, overrides: list[str], bce_recipe: str = "paper") -> dict:
+def run_one(config: str, loss: str, seed: int, root: Path, overrides: list[str], bce_recipe: str = "post") -> dict:
     recipe = BCE_RECIPES[bce_recipe] if loss == "bce" else []
     cfg = load_config(config, [f"run_dir={root / f'{loss}-seed{seed}'}", f"seed={seed}", f"sasrec.loss={loss}",
                                *recipe, *overrides])
@@ -84,8 +85,8 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--root", default="runs/bench-sasrec")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
-    ap.add_argument("--bce-recipe", choices=sorted(BCE_RECIPES), default="paper",
-                    help="sizes, block layout and budget of the BCE runs (see BCE_RECIPES)")
+    ap.add_argument("--bce-recipe", choices=sorted(BCE_RECIPES), default="post",
+                    help="sizes, block layout and budget of the BCE runs (see BCE_RECIPES; post has the best valid)")
     ap.add_argument("--out", default="bench/results/sasrec.json")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
