@@ -49,7 +49,7 @@ BCE_RECIPES = {
 }
 
 
-def run_one(config: str, loss: str, seed: int, root: Path, overrides: list[str], bce_recipe: str = "post") -> dict:
+def run_one(config: str, loss: str, seed: int, root: Path, overrides: list[str], bce_recipe: str) -> dict:
     recipe = BCE_RECIPES[bce_recipe] if loss == "bce" else []
     cfg = load_config(config, [f"run_dir={root / f'{loss}-seed{seed}'}", f"seed={seed}", f"sasrec.loss={loss}",
                                *recipe, *overrides])

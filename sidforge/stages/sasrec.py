@@ -126,9 +126,15 @@ def stage_config_hash(cfg: Config) -> str:
     plain SASRec keeps the hash it had before they existed (its recorded runs stay current).
     """
     s = cfg.sasrec
-    unused = _OPERATIONAL + (_REWEIGHT_KEYS if s.reweight == "none" else ()) + (
-        _CONTRASTIVE_KEYS if s.contrastive_weight == 0 else ()) + (
-        () if s.unseen_negatives else ("negatives",)) + (() if s.norm == "post" else ("norm",))
+    unused = list(_OPERATIONAL)
+    if s.reweight == "none":
+        unused += _REWEIGHT_KEYS
+    if s.contrastive_weight == 0:
+        unused += _CONTRASTIVE_KEYS
+    if not s.unseen_negatives:
+        unused.append("negatives")
+    if s.norm == "pre":
+        unused.append("norm")
     section = {k: v for k, v in dataclasses.asdict(s).items() if k not in unused}
     payload = json.dumps({"sasrec": section, "seed": cfg.seed}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
