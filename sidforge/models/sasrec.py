@@ -75,6 +75,9 @@ class SASRecConfig:
         reweight_init: initial value of every level weight (0 = exactly plain SASRec at the start).
         reweight_learned: train the level weights (else they stay at ``reweight_init``).
         reweight_per_head: one weight vector per attention head instead of one for all heads.
+        reweight_self: let a position's own item count as a match (an item always matches itself at every
+            level, so this biases each query toward its own position); ``False`` reweights only the
+            attention to the other items of the sequence.
         contrastive_weight: weight of the sequence-to-item InfoNCE term (0 = off).
         contrastive_temperature: its temperature.
     """
@@ -95,6 +98,7 @@ class SASRecConfig:
     reweight_init: float = 1.0
     reweight_learned: bool = True
     reweight_per_head: bool = False
+    reweight_self: bool = True
     contrastive_weight: float = 0.0
     contrastive_temperature: float = 0.1
 
@@ -257,12 +261,14 @@ class SIDSimilarityBias(nn.Module):
         match: ``"level"`` or ``"prefix"``.
         init: initial value of every weight.
         learned: make ``w`` a parameter (else a fixed buffer).
+        self_match: count position i's match with itself (``False``: the diagonal of the bias is 0).
     """
 
     def __init__(self, levels: int, heads: int = 1, match: str = "level", init: float = 1.0,
-                 learned: bool = True) -> None:
+                 learned: bool = True, self_match: bool = True) -> None:
         super().__init__()
         self.prefix = match == "prefix"
+        self.self_match = self_match
         w = torch.full((heads, levels), float(init))  # (H', L); a constant: the init draws no random numbers
         if learned:
             self.weight = nn.Parameter(w)
@@ -282,6 +288,9 @@ class SIDSimilarityBias(nn.Module):
         match = ((q == k) & (q >= 0)).to(self.weight.dtype)  # (B, T, T, L)
         if self.prefix:
             match = match.cumprod(dim=-1)  # 1 up to the first level where the codes differ
+        if not self.self_match:
+            t = codes.shape[1]
+            match = match * (~torch.eye(t, dtype=torch.bool, device=codes.device))[None, :, :, None]
         return torch.einsum("btsl,hl->bhts", match, self.weight)  # (B, H', T, T)
 
 
@@ -350,7 +359,8 @@ class SASRec(nn.Module):
             self.register_buffer("sid_codes", torch.full((config.num_items + 1, config.sid_levels), -1,
                                                          dtype=torch.long))
             self.sid_bias = SIDSimilarityBias(config.sid_levels, config.num_heads if config.reweight_per_head else 1,
-                                              config.reweight_match, config.reweight_init, config.reweight_learned)
+                                              config.reweight_match, config.reweight_init, config.reweight_learned,
+                                              config.reweight_self)
             if sid_codes is not None:
                 self.set_sid_codes(sid_codes)
         elif sid_codes is not None:

@@ -252,6 +252,8 @@ class SASRecTrainConfig:
             0 starts exactly at plain SASRec.
         reweight_learned: the level weights are trained with the model.
         reweight_per_head: one weight vector per attention head instead of one for all heads.
+        reweight_self: a position's own item counts as a match (it matches itself at every level);
+            ``false`` reweights only the attention to the other items of the sequence.
         contrastive_weight: weight of the sequence-to-item InfoNCE loss added to the next-item loss
             (in-batch negatives); 0 turns it off.
         contrastive_temperature: its temperature.
@@ -283,6 +285,7 @@ class SASRecTrainConfig:
     reweight_init: float = 1.0
     reweight_learned: bool = True
     reweight_per_head: bool = False
+    reweight_self: bool = True
     contrastive_weight: float = 0.0
     contrastive_temperature: float = 0.1
 

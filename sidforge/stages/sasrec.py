@@ -114,7 +114,8 @@ def run(cfg: Config, run_dir: RunDir, sids: str | Path | None = None, force: boo
 
 
 _OPERATIONAL = ("cpus_per_worker", "max_failures", "name")  # how a run is executed (and where it goes)
-_REWEIGHT_KEYS = ("reweight", "reweight_match", "reweight_init", "reweight_learned", "reweight_per_head")
+_REWEIGHT_KEYS = ("reweight", "reweight_match", "reweight_init", "reweight_learned", "reweight_per_head",
+                  "reweight_self")
 _CONTRASTIVE_KEYS = ("contrastive_weight", "contrastive_temperature")
 
 
@@ -129,6 +130,8 @@ def stage_config_hash(cfg: Config) -> str:
     unused = list(_OPERATIONAL)
     if s.reweight == "none":
         unused += _REWEIGHT_KEYS
+    elif s.reweight_self:
+        unused.append("reweight_self")
     if s.contrastive_weight == 0:
         unused += _CONTRASTIVE_KEYS
     if not s.unseen_negatives:
@@ -277,7 +280,8 @@ def loop_config(cfg: Config, data: Sequences, codes: np.ndarray | None = None) -
                          num_heads=s.heads, ffn_hidden=s.ffn_hidden, dropout=s.dropout, loss=s.loss, norm=s.norm,
                          sid_levels=0 if codes is None else codes.shape[1], reweight_match=s.reweight_match,
                          reweight_init=s.reweight_init, reweight_learned=s.reweight_learned,
-                         reweight_per_head=s.reweight_per_head, contrastive_weight=s.contrastive_weight,
+                         reweight_per_head=s.reweight_per_head, reweight_self=s.reweight_self,
+                         contrastive_weight=s.contrastive_weight,
                          contrastive_temperature=s.contrastive_temperature)
     return {"model": dataclasses.asdict(model), "lr": s.lr, "weight_decay": s.weight_decay,
             "batch_size": s.batch_size, "epochs": s.epochs, "eval_every": s.eval_every,

@@ -92,6 +92,38 @@ def test_bias_counts_per_level_or_prefix_matches_and_padding_matches_nothing():
     assert SIDSimilarityBias(L, heads=2)(pair).shape == (1, 2, 3, 3)
 
 
+def test_without_the_self_match_the_diagonal_carries_no_bias_and_the_rest_is_unchanged():
+    pair = torch.tensor([[[0, 0, 0], [0, 2, 0], [0, 0, 0], [-1, -1, -1]]])  # positions 0 and 2: the same codes
+    with_self = SIDSimilarityBias(L, learned=False, init=1.0)
+    no_self = SIDSimilarityBias(L, learned=False, init=1.0, self_match=False)
+    a, b = with_self(pair)[0, 0], no_self(pair)[0, 0]
+    assert torch.equal(torch.diagonal(a), torch.tensor([3.0, 3.0, 3.0, 0.0]))  # an item matches itself fully
+    assert not torch.diagonal(b).any()
+    off = ~torch.eye(4, dtype=torch.bool)
+    assert torch.equal(a[off], b[off]) and b[0, 2] == 3.0 and b[0, 1] == 2.0  # other positions as before
+    prefix = SIDSimilarityBias(L, match="prefix", learned=False, self_match=False)(pair)[0, 0]
+    assert not torch.diagonal(prefix).any() and prefix[0, 1] == 1.0
+
+
+def test_without_the_self_match_a_query_keeps_its_share_on_itself_relative_to_non_matching_keys():
+    """Self excluded: the own position is weighted like a key with no matching code (factor 1 before
+    renormalisation), where with it the own position always gets the largest factor."""
+    plain = model().eval()
+    ids, _ = batch()
+    for self_match in (True, False):
+        rw = model(sid_levels=L, reweight_init=0.7, reweight_self=self_match).eval()
+        with torch.no_grad():
+            ratio = _attention(rw, ids) / _attention(plain, ids)
+        # row 1 (items 5 .. 11, 1): position 3 holds item 8 = [3, 0, 0]; keys 0-2 hold items 5, 6, 7
+        # = [1, 1, 1], [2, 0, 0], [2, 1, 1]: item 6 matches item 8 at levels 2 and 3, items 5 and 7 nowhere
+        r = ratio[1, 0, 3, :4]
+        assert r[0] == pytest.approx(float(r[2]), rel=1e-4)  # two non-matching keys: the same factor
+        assert float(r[1] / r[0]) == pytest.approx(torch.exp(torch.tensor(1.4)).item(), rel=1e-3)
+        own = float(r[3] / r[0])
+        expected = torch.exp(torch.tensor(2.1)).item() if self_match else 1.0
+        assert own == pytest.approx(expected, rel=1e-3)
+
+
 def _attention(m: SASRec, ids: torch.Tensor) -> torch.Tensor:
     """First layer's attention probabilities (B, nh, T, T), eval mode, with the model's own SID bias."""
     blk = m.blocks[0]

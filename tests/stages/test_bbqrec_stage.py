@@ -159,6 +159,14 @@ def test_sasrec_reweighted_by_bbq_ids_writes_its_own_folder_and_leaves_the_behav
     assert sasrec.stage_config_hash(plain) == sasrec.stage_config_hash(
         _config(run_dir, "sasrec.reweight_init=3", "sasrec.contrastive_temperature=0.5", "sasrec.name=x"))
     assert _config(run_dir, "sasrec.reweight=sid").sasrec.output_name == "sasrec-sid"
+    # excluding the self-match counts only where it is switched on: recorded reweighted runs keep their hash
+    assert sasrec.stage_config_hash(cfg) == sasrec.stage_config_hash(
+        _config(run_dir, "sasrec.reweight=sid", "sasrec.name=bbq", "sasrec.reweight_init=0.5",
+                "sasrec.contrastive_weight=0.1", "sasrec.reweight_self=true"))
+    assert sasrec.stage_config_hash(cfg) != sasrec.stage_config_hash(
+        _config(run_dir, "sasrec.reweight=sid", "sasrec.name=bbq", "sasrec.reweight_init=0.5",
+                "sasrec.contrastive_weight=0.1", "sasrec.reweight_self=false"))
+    assert sasrec.stage_config_hash(plain) == sasrec.stage_config_hash(_config(run_dir, "sasrec.reweight_self=false"))
 
 
 def test_cli_trains_a_reweighted_sasrec(built, tmp_path, capsys):
