@@ -133,8 +133,8 @@ def test_sasrec_reweighted_by_bbq_ids_writes_its_own_folder_and_leaves_the_behav
     run_dir = _copy(built, tmp_path)
     run = RunDir(run_dir)
     plain_entry = run.read_manifest().stages["sasrec"]
-    cfg = _config(run_dir, "sasrec.reweight=sid", "sasrec.name=bbq", "sasrec.reweight_init=0.5",
-                  "sasrec.contrastive_weight=0.1")
+    reweighted = ("sasrec.reweight=sid", "sasrec.name=bbq", "sasrec.reweight_init=0.5", "sasrec.contrastive_weight=0.1")
+    cfg = _config(run_dir, *reweighted)
     with pytest.raises(DataError, match="--sids"):
         sasrec.run(cfg, run)
     res = sasrec.run(cfg, run, run_dir / "tokenize-bbq")
@@ -161,11 +161,9 @@ def test_sasrec_reweighted_by_bbq_ids_writes_its_own_folder_and_leaves_the_behav
     assert _config(run_dir, "sasrec.reweight=sid").sasrec.output_name == "sasrec-sid"
     # excluding the self-match counts only where it is switched on: recorded reweighted runs keep their hash
     assert sasrec.stage_config_hash(cfg) == sasrec.stage_config_hash(
-        _config(run_dir, "sasrec.reweight=sid", "sasrec.name=bbq", "sasrec.reweight_init=0.5",
-                "sasrec.contrastive_weight=0.1", "sasrec.reweight_self=true"))
+        _config(run_dir, *reweighted, "sasrec.reweight_self=true"))
     assert sasrec.stage_config_hash(cfg) != sasrec.stage_config_hash(
-        _config(run_dir, "sasrec.reweight=sid", "sasrec.name=bbq", "sasrec.reweight_init=0.5",
-                "sasrec.contrastive_weight=0.1", "sasrec.reweight_self=false"))
+        _config(run_dir, *reweighted, "sasrec.reweight_self=false"))
     assert sasrec.stage_config_hash(plain) == sasrec.stage_config_hash(_config(run_dir, "sasrec.reweight_self=false"))
 
 
