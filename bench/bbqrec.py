@@ -16,6 +16,8 @@ behavior embeddings e_b of BBQ), the tokenizers ``tokenize-{rqkmeans,rqvae,bbq,b
     rw-bbq          + reweighting by BBQ IDs (+ --seq-cl): BBQRec
     rw-bbq-nocl     BBQ IDs trained without the contrastive codebook loss
     rw-bbq-nomi     BBQ IDs trained without the MI (CLUB) term
+    ...-sidcl       with --seq-cl-target sid: the sequence-to-item loss of the four reweighted variants above
+                    contrasts with the target's semantic-ID embedding (sasrec.contrastive_target=sid)
     rw-bbq-noseqcl  BBQ reweighting without the sequence-to-item loss   (only when --seq-cl > 0)
     norw-seqcl      no reweighting, sequence-to-item loss only          (only when --seq-cl > 0;
                                                                          with --seq-cl 0 it is sasrec-ce)
@@ -62,15 +64,22 @@ TOKENIZERS = {  # folder suffix -> overrides (rqkmeans/rqvae keep the config's d
 REUSABLE = ("prepare", "embed", "sasrec", "tokenize-rqkmeans", "tokenize-rqvae")
 
 
-def variants(seq_cl: float) -> dict[str, tuple[str | None, list[str]]]:
-    """variant -> (tokenizer folder suffix or None, sasrec overrides)."""
+def variants(seq_cl: float, target: str = "item") -> dict[str, tuple[str | None, list[str]]]:
+    """variant -> (tokenizer folder suffix or None, sasrec overrides).
+
+    With ``target="sid"`` the reweighted variants contrast the sequence with the target's semantic-ID
+    embedding instead of its item embedding, and carry the suffix ``-sidcl`` (their own run folders).
+    """
     rw = ["sasrec.reweight=sid", f"sasrec.contrastive_weight={seq_cl}"]
+    suffix = ""
+    if target == "sid" and seq_cl > 0:
+        rw, suffix = [*rw, "sasrec.contrastive_target=sid"], "-sidcl"
     out: dict[str, tuple[str | None, list[str]]] = {
         "sasrec-ce": (None, []),
-        "rw-rqvae": ("rqvae", rw),
-        "rw-bbq": ("bbq", rw),
-        "rw-bbq-nocl": ("bbq-nocl", rw),
-        "rw-bbq-nomi": ("bbq-nomi", rw),
+        f"rw-rqvae{suffix}": ("rqvae", rw),
+        f"rw-bbq{suffix}": ("bbq", rw),
+        f"rw-bbq-nocl{suffix}": ("bbq-nocl", rw),
+        f"rw-bbq-nomi{suffix}": ("bbq-nomi", rw),
     }
     if seq_cl > 0:
         out["rw-bbq-noseqcl"] = ("bbq", ["sasrec.reweight=sid", "sasrec.contrastive_weight=0"])
@@ -120,7 +129,7 @@ def run_seed(args: argparse.Namespace, seed: int, chosen: list[str]) -> tuple[li
     behavior = np.asarray(pq.read_table(run.stage_dir("sasrec") / "item_embeddings.parquet")
                           .column("embedding").to_pylist(), dtype=np.float32)
     quality: dict[str, dict] = {}
-    needed = {tok for name, (tok, _) in variants(args.seq_cl).items() if name in chosen and tok}
+    needed = {tok for name, (tok, _) in variants(args.seq_cl, args.seq_cl_target).items() if name in chosen and tok}
     for name, extra in TOKENIZERS.items():
         if not args.tokenizers_only and name not in needed and name != "rqkmeans":
             continue
@@ -131,7 +140,7 @@ def run_seed(args: argparse.Namespace, seed: int, chosen: list[str]) -> tuple[li
                          "wall_s": round(time.perf_counter() - t0, 1), "skipped": res.skipped}
     if args.tokenizers_only:
         return rows, quality
-    for name, (tok, extra) in variants(args.seq_cl).items():
+    for name, (tok, extra) in variants(args.seq_cl, args.seq_cl_target).items():
         if name == "sasrec-ce" or name not in chosen:
             continue
         t0 = time.perf_counter()
@@ -197,20 +206,22 @@ def main() -> None:
     ap.add_argument("--reuse", action="append", default=[], help="run directory to copy finished stages from")
     ap.add_argument("--seq-cl", type=float, default=0.1,
                     help="sasrec.contrastive_weight of the reweighted variants (0 = no sequence-to-item loss)")
+    ap.add_argument("--seq-cl-target", choices=["item", "sid"], default="item",
+                    help="what the reweighted variants' sequence-to-item loss contrasts with (sid: -sidcl variants)")
     ap.add_argument("--variants", default="", help="comma-separated subset of the variants (default: all)")
     ap.add_argument("--tokenizers-only", action="store_true", help="fit the tokenizers and print their table only")
     ap.add_argument("--out", default="bench/results/bbqrec.json")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     init_ray(num_cpus=2)
-    all_variants = list(variants(args.seq_cl))
+    all_variants = list(variants(args.seq_cl, args.seq_cl_target))
     chosen = [v for v in args.variants.split(",") if v] or all_variants
     unknown = set(chosen) - set(all_variants)
     if unknown:
         raise SystemExit(f"unknown variants {sorted(unknown)}; choose among {', '.join(all_variants)}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    name = load_config(args.config).name
+    name = load_config(args.config).name + ("-sidcl" if args.seq_cl_target == "sid" else "")
     rows: list[dict] = []
     quality: dict[int, dict[str, dict]] = {}
     for seed in map(int, args.seeds.split(",")):
@@ -218,6 +229,7 @@ def main() -> None:
         rows += seed_rows
         results = json.loads(out.read_text()) if out.is_file() else {}
         results[name] = {"config": args.config, "overrides": args.overrides, "seq_cl": args.seq_cl,
+                         "seq_cl_target": args.seq_cl_target,
                          "machine": f"{platform.node()} {platform.machine()}", "runs": rows,
                          "summary": summarise(rows), "tokenizers": {str(s): q for s, q in quality.items()}}
         out.write_text(json.dumps(results, indent=2, default=str))

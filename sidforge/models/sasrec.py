@@ -36,7 +36,10 @@ BBQRec's additions (our choices where the paper's summary is silent):
   that needs a gradient sends SDPA to its math kernel, so the two agree to float rounding).
 * **Sequence-to-item contrastive loss** (``contrastive_weight > 0``): InfoNCE from the last position's
   hidden state (the sequence) to its target item's embedding, cosine similarity over a temperature, the
-  batch's other target items as negatives (repeats of the same item are not negatives).
+  batch's other target items as negatives (repeats of the same item are not negatives). The target side
+  is the item's own embedding (``contrastive_target="item"``) or a learned embedding of its semantic ID
+  (``"sid"``: the sum of one code embedding per level), which shares the signal among items with common
+  codes; then items whose codes are all equal to the target's are not negatives either.
 """
 
 from __future__ import annotations
@@ -80,6 +83,10 @@ class SASRecConfig:
             attention to the other items of the sequence.
         contrastive_weight: weight of the sequence-to-item InfoNCE term (0 = off).
         contrastive_temperature: its temperature.
+        contrastive_target: ``"item"`` (the target's item embedding) or ``"sid"`` (the sum of its per-level
+            code embeddings; needs ``sid_levels`` and ``sid_codebook_size``).
+        sid_codebook_size: K, codes per level (codes are ``0 .. K-1``); sizes the code embeddings of
+            ``contrastive_target="sid"``.
     """
 
     num_items: int
@@ -101,6 +108,8 @@ class SASRecConfig:
     reweight_self: bool = True
     contrastive_weight: float = 0.0
     contrastive_temperature: float = 0.1
+    contrastive_target: Literal["item", "sid"] = "item"
+    sid_codebook_size: int = 0
 
     def __post_init__(self) -> None:
         if self.num_items < 2:
@@ -134,6 +143,11 @@ class SASRecConfig:
             raise ValueError(f"reweight_match={self.reweight_match!r} is unknown; use 'level' or 'prefix'")
         if self.contrastive_weight < 0 or self.contrastive_temperature <= 0:
             raise ValueError("contrastive_weight must be >= 0 (0 = off) and contrastive_temperature > 0")
+        if self.contrastive_target not in ("item", "sid"):
+            raise ValueError(f"contrastive_target={self.contrastive_target!r} is unknown; use 'item' or 'sid'")
+        if self.contrastive_target == "sid" and (self.sid_levels < 1 or self.sid_codebook_size < 1):
+            raise ValueError("contrastive_target='sid' needs semantic IDs: set sid_levels (L) and "
+                             "sid_codebook_size (K, the largest code + 1)")
 
     @property
     def pad_id(self) -> int:
@@ -361,10 +375,17 @@ class SASRec(nn.Module):
             self.sid_bias = SIDSimilarityBias(config.sid_levels, config.num_heads if config.reweight_per_head else 1,
                                               config.reweight_match, config.reweight_init, config.reweight_learned,
                                               config.reweight_self)
-            if sid_codes is not None:
-                self.set_sid_codes(sid_codes)
-        elif sid_codes is not None:
-            raise ValueError("sid_codes given but config.sid_levels=0; set sid_levels to the codes' L")
+        self.sid_code_emb: nn.Embedding | None = None
+        if config.contrastive_target == "sid":
+            # one flat table: level l's code c is row l * K + c; the last row (no code) stays zero. Drawn
+            # after every other weight, so the rest of the model starts as the plain one of the same seed.
+            pad = config.sid_levels * config.sid_codebook_size
+            self.sid_code_emb = nn.Embedding(pad + 1, config.hidden, padding_idx=pad)
+            self._init_weights(self.sid_code_emb)
+        if sid_codes is not None:
+            if not config.sid_levels:
+                raise ValueError("sid_codes given but config.sid_levels=0; set sid_levels to the codes' L")
+            self.set_sid_codes(sid_codes)
 
     @torch.no_grad()
     def set_sid_codes(self, codes: Tensor) -> None:
@@ -373,6 +394,10 @@ class SASRec(nn.Module):
         if tuple(codes.shape) != (n, levels):
             raise ValueError(f"sid_codes must have shape (num_items, sid_levels) = ({n}, {levels}), "
                              f"got {tuple(codes.shape)}")
+        k = self.config.sid_codebook_size
+        if self.sid_code_emb is not None and int(codes.max()) >= k:
+            raise ValueError(f"sid_codes hold code {int(codes.max())} but sid_codebook_size={k}; set it to the "
+                             "largest code + 1")
         self.sid_codes[:n] = codes.to(self.sid_codes.device, torch.long)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -466,6 +491,22 @@ class SASRec(nn.Module):
             raise ValueError(f"attn_bias must be a float tensor, got dtype {attn_bias.dtype}")
         return mask + attn_bias
 
+    def sid_embeddings(self, item_ids: Tensor) -> Tensor:
+        """Semantic-ID embeddings (``contrastive_target="sid"``): the sum of the items' code embeddings.
+
+        Args:
+            item_ids: long item ids of any shape ``S``.
+
+        Returns:
+            ``S + (H,)`` float embeddings.
+        """
+        if self.sid_code_emb is None:
+            raise ValueError("sid_embeddings needs a model built with contrastive_target='sid'")
+        codes = self.sid_codes[item_ids]  # S + (L,)
+        offsets = torch.arange(codes.shape[-1], device=codes.device) * self.config.sid_codebook_size
+        rows = torch.where(codes >= 0, codes + offsets, self.sid_code_emb.padding_idx)
+        return self.sid_code_emb(rows).sum(dim=-2)
+
     def item_embeddings(self) -> Tensor:
         """The item (behavior) embedding table without the pad row.
 
@@ -548,9 +589,15 @@ class SASRec(nn.Module):
             return hidden.new_zeros(())  # no negatives to contrast with
         keys = last[rows]  # (B',)
         seq = F.normalize(hidden[:, -1][rows], dim=-1)  # (B', H)
-        items = F.normalize(self.item_emb(keys), dim=-1)  # (B', H)
+        if self.sid_code_emb is None:
+            items = F.normalize(self.item_emb(keys), dim=-1)  # (B', H)
+            same = keys[:, None] == keys[None, :]  # (B', B')
+        else:
+            items = F.normalize(self.sid_embeddings(keys), dim=-1)  # (B', H)
+            codes = self.sid_codes[keys]  # (B', L)
+            same = (codes[:, None, :] == codes[None, :, :]).all(dim=-1)  # equal IDs: an equal target vector
         logits = seq @ items.T / self.config.contrastive_temperature  # (B', B')
-        same = (keys[:, None] == keys[None, :]).fill_diagonal_(False)  # the same item again is no negative
+        same = same.fill_diagonal_(False)  # the same item (or the same ID) again is no negative
         logits = logits.masked_fill(same, float("-inf"))
         return F.cross_entropy(logits, torch.arange(len(keys), device=keys.device))
 

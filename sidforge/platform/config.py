@@ -257,6 +257,9 @@ class SASRecTrainConfig:
         contrastive_weight: weight of the sequence-to-item InfoNCE loss added to the next-item loss
             (in-batch negatives); 0 turns it off.
         contrastive_temperature: its temperature.
+        contrastive_target: what the sequence is contrasted with: ``item`` (the target's item embedding)
+            or ``sid`` (a learned embedding of the target's semantic ID, the sum of one code embedding per
+            level, so items that share codes share the signal; needs ``reweight=sid`` for the codes).
     """
 
     hidden: int = 64
@@ -288,6 +291,7 @@ class SASRecTrainConfig:
     reweight_self: bool = True
     contrastive_weight: float = 0.0
     contrastive_temperature: float = 0.1
+    contrastive_target: Literal["item", "sid"] = "item"
 
     @property
     def unseen_negatives(self) -> bool:
@@ -315,6 +319,9 @@ class SASRecTrainConfig:
         if self.contrastive_weight < 0 or self.contrastive_temperature <= 0:
             raise ConfigError("sasrec.contrastive_weight must be >= 0 (0 = off) and sasrec.contrastive_temperature "
                               "> 0 (e.g. 0.1)")
+        if self.contrastive_target == "sid" and self.reweight != "sid":
+            raise ConfigError("sasrec.contrastive_target=sid reads the semantic IDs of sasrec.reweight=sid: set "
+                              "reweight=sid (with --sids RUN/tokenize-<name>) or contrastive_target=item")
 
     @property
     def output_name(self) -> str:

@@ -22,12 +22,13 @@ Training checkpoints live in ``RUN/_train/sasrec-<config hash>-<inputs hash>/`` 
 stage killed mid-training resumes from its last epoch when run again with the same config and inputs
 (``force`` starts over). They are deleted once the outputs are written.
 
-BBQRec variants (``sasrec.reweight=sid``, ``sasrec.contrastive_weight``) run through the same stage: the
-attention is reweighted by the SID similarity of the items (:class:`sidforge.models.sasrec.SIDSimilarityBias`),
-reading the ``codes`` column of a tokenizer's ``sids.parquet`` (the semantic levels; the collision digit
-is an arbitrary rank, so equal digits say nothing about two items). A variant with ``sasrec.name`` writes
-``RUN/sasrec-<name>/`` (a reweighted one without a name ``RUN/sasrec-sid/``), so ``RUN/sasrec``, the
-behavior embeddings the tokenizers read, stays the plain model; its metrics add the learned level weights.
+BBQRec variants (``sasrec.reweight=sid``, ``sasrec.contrastive_weight``, ``sasrec.contrastive_target``) run
+through the same stage: the attention is reweighted by the SID similarity of the items
+(:class:`sidforge.models.sasrec.SIDSimilarityBias`), reading the ``codes`` column of a tokenizer's
+``sids.parquet`` (the semantic levels; the collision digit is an arbitrary rank, so equal digits say nothing
+about two items). A variant with ``sasrec.name`` writes ``RUN/sasrec-<name>/`` (a reweighted one without a
+name ``RUN/sasrec-sid/``), so ``RUN/sasrec``, the behavior embeddings the tokenizers read, stays the plain
+model; its metrics add the learned level weights.
 """
 
 from __future__ import annotations
@@ -116,15 +117,16 @@ def run(cfg: Config, run_dir: RunDir, sids: str | Path | None = None, force: boo
 _OPERATIONAL = ("cpus_per_worker", "max_failures", "name")  # how a run is executed (and where it goes)
 _REWEIGHT_KEYS = ("reweight", "reweight_match", "reweight_init", "reweight_learned", "reweight_per_head",
                   "reweight_self")
-_CONTRASTIVE_KEYS = ("contrastive_weight", "contrastive_temperature")
+_CONTRASTIVE_KEYS = ("contrastive_weight", "contrastive_temperature", "contrastive_target")
 
 
 def stage_config_hash(cfg: Config) -> str:
     """Hash of what the outputs depend on: the ``sasrec`` section (minus operational keys) and the seed.
 
-    The BBQRec settings count only when they are switched on (``reweight=sid``, ``contrastive_weight > 0``),
-    the negative sampler only when BCE uses ``unseen``, and the block layout only when it is ``post``, so a
-    plain SASRec keeps the hash it had before they existed (its recorded runs stay current).
+    The BBQRec settings count only when they are switched on (``reweight=sid``, ``contrastive_weight > 0``,
+    ``contrastive_target=sid``), the negative sampler only when BCE uses ``unseen``, and the block layout
+    only when it is ``post``, so a plain SASRec keeps the hash it had before they existed (its recorded
+    runs stay current).
     """
     s = cfg.sasrec
     unused = list(_OPERATIONAL)
@@ -134,6 +136,8 @@ def stage_config_hash(cfg: Config) -> str:
         unused.append("reweight_self")
     if s.contrastive_weight == 0:
         unused += _CONTRASTIVE_KEYS
+    elif s.contrastive_target == "item":
+        unused.append("contrastive_target")
     if not s.unseen_negatives:
         unused.append("negatives")
     if s.norm == "pre":
@@ -282,7 +286,9 @@ def loop_config(cfg: Config, data: Sequences, codes: np.ndarray | None = None) -
                          reweight_init=s.reweight_init, reweight_learned=s.reweight_learned,
                          reweight_per_head=s.reweight_per_head, reweight_self=s.reweight_self,
                          contrastive_weight=s.contrastive_weight,
-                         contrastive_temperature=s.contrastive_temperature)
+                         contrastive_temperature=s.contrastive_temperature,
+                         contrastive_target=s.contrastive_target,
+                         sid_codebook_size=0 if codes is None else int(codes.max()) + 1)
     return {"model": dataclasses.asdict(model), "lr": s.lr, "weight_decay": s.weight_decay,
             "batch_size": s.batch_size, "epochs": s.epochs, "eval_every": s.eval_every,
             "unseen_negatives": s.unseen_negatives,

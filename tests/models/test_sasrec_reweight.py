@@ -208,3 +208,59 @@ def test_sequence_to_item_contrastive_loss_is_added_and_trains():
         opt.step()
     cl.eval()
     assert float(cl.loss(ids, targets).metrics["contrastive"]) < 0.5 * first
+
+
+def _sid_model(**overrides: object) -> SASRec:
+    fields: dict[str, object] = dict(dropout=0.0, sid_levels=L, contrastive_weight=1.0, contrastive_target="sid",
+                                     sid_codebook_size=5)
+    return model(**{**fields, **overrides})
+
+
+def test_a_sid_embedding_is_the_sum_of_its_code_rows_and_a_missing_level_adds_nothing():
+    m = _sid_model()
+    rows = m.sid_code_emb.weight
+    assert torch.allclose(m.sid_embeddings(torch.tensor([1]))[0], rows[0] + rows[5 + 0] + rows[10 + 1])
+    assert torch.allclose(m.sid_embeddings(torch.tensor([11]))[0], rows[4] + rows[5 + 1])  # level 3 is -1
+    assert m.sid_embeddings(torch.tensor([[0, 5], [6, 7]])).shape == (2, 2, 16)
+    # the code table is drawn after every other weight: the rest starts as the plain reweighted model's
+    plain = model(dropout=0.0, sid_levels=L).state_dict()
+    assert all(torch.equal(v, plain[k]) for k, v in m.state_dict().items() if not k.startswith("sid_code_emb"))
+
+
+def _info_nce(seq: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, t: float) -> torch.Tensor:
+    logits = torch.nn.functional.normalize(seq, dim=-1) @ torch.nn.functional.normalize(keys, dim=-1).T / t
+    return torch.nn.functional.cross_entropy(logits.masked_fill(mask, float("-inf")), torch.arange(len(seq)))
+
+
+def test_the_sid_target_contrasts_with_the_id_embedding_and_items_with_equal_ids_are_no_negatives():
+    ids, targets = batch()  # last targets 6, 2, 3
+    m = _sid_model().eval()
+    last = m(ids)[:, -1]
+    keys = m.sid_embeddings(targets[:, -1])
+    none = torch.zeros(3, 3, dtype=torch.bool)
+    got = m.loss(ids, targets).metrics["contrastive"]
+    assert torch.allclose(got, _info_nce(last, keys, none, 0.1), atol=1e-6)
+    twin = codes()
+    twin[3] = twin[2]  # items 2 and 3 now carry one ID: neither is the other's negative
+    m.set_sid_codes(twin)
+    last, keys = m(ids)[:, -1], m.sid_embeddings(targets[:, -1])
+    masked = none.clone()
+    masked[1, 2] = masked[2, 1] = True
+    got = m.loss(ids, targets).metrics["contrastive"]
+    assert torch.allclose(got, _info_nce(last, keys, masked, 0.1), atol=1e-6)
+    assert not torch.allclose(got, _info_nce(last, keys, none, 0.1), atol=1e-3)
+
+
+def test_the_sid_target_trains_the_code_rows_of_the_targets_only_and_is_checked():
+    ids, targets = batch()
+    m = _sid_model(contrastive_weight=0.5)
+    m.loss(ids, targets).loss.backward()
+    grad = m.sid_code_emb.weight.grad.abs().sum(dim=-1)
+    used = {lvl * 5 + int(c) for item in (6, 2, 3) for lvl, c in enumerate(codes()[item]) if c >= 0}
+    assert all(grad[r] > 0 for r in used) and all(grad[r] == 0 for r in range(len(grad)) if r not in used)
+    with pytest.raises(ValueError, match="sid_codebook_size"):
+        SASRecConfig(num_items=N_ITEMS, contrastive_target="sid")
+    with pytest.raises(ValueError, match="largest code"):
+        _sid_model(sid_codebook_size=4)  # code 4 at level 1 does not fit
+    with pytest.raises(ValueError, match="contrastive_target"):
+        SASRecConfig(num_items=N_ITEMS, contrastive_target="content")  # type: ignore[arg-type]

@@ -167,6 +167,30 @@ def test_sasrec_reweighted_by_bbq_ids_writes_its_own_folder_and_leaves_the_behav
     assert sasrec.stage_config_hash(plain) == sasrec.stage_config_hash(_config(run_dir, "sasrec.reweight_self=false"))
 
 
+def test_the_sequence_loss_can_target_the_semantic_ids_and_counts_in_the_hash_only_then(built, tmp_path):
+    run_dir = _copy(built, tmp_path)
+    reweighted = ("sasrec.reweight=sid", "sasrec.name=sidcl", "sasrec.contrastive_weight=0.1")
+    cfg = _config(run_dir, *reweighted, "sasrec.contrastive_target=sid", "sasrec.epochs=2")
+    res = sasrec.run(cfg, RunDir(run_dir), run_dir / "tokenize-bbq")
+    saved = torch.load(res.out_dir / "model.pt", weights_only=False)
+    codes = np.array(pq.read_table(run_dir / "tokenize-bbq" / "sids.parquet").column("codes").to_pylist())
+    assert saved["config"]["contrastive_target"] == "sid"
+    assert saved["config"]["sid_codebook_size"] == codes.max() + 1
+    model = SASRec(SASRecConfig(**saved["config"]))
+    model.load_state_dict(saved["state_dict"])  # the code embeddings travel with the model
+    assert model.sid_code_emb.weight.shape == (codes.shape[1] * (codes.max() + 1) + 1, cfg.sasrec.hidden)
+    # recorded runs (target item, or no sequence loss) keep their hashes
+    item = _config(run_dir, *reweighted, "sasrec.epochs=2")
+    assert sasrec.stage_config_hash(item) == sasrec.stage_config_hash(
+        _config(run_dir, *reweighted, "sasrec.epochs=2", "sasrec.contrastive_target=item"))
+    assert sasrec.stage_config_hash(item) != sasrec.stage_config_hash(cfg)
+    off = ("sasrec.reweight=sid", "sasrec.contrastive_weight=0")
+    assert sasrec.stage_config_hash(_config(run_dir, *off)) == sasrec.stage_config_hash(
+        _config(run_dir, *off, "sasrec.contrastive_target=sid"))
+    with pytest.raises(ConfigError, match="contrastive_target=sid"):
+        _config(run_dir, "sasrec.contrastive_target=sid")  # no IDs without reweight=sid
+
+
 def test_cli_trains_a_reweighted_sasrec(built, tmp_path, capsys):
     run_dir = _copy(built, tmp_path)
     config = REPO / "configs" / "tiny.yaml"
