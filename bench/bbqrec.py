@@ -62,6 +62,7 @@ TOKENIZERS = {  # folder suffix -> overrides (rqkmeans/rqvae keep the config's d
     "bbq-nomi": ["tokenize.method=bbq", "tokenize.name=bbq-nomi", "tokenize.bbq.mi_weight=0"],
 }
 REUSABLE = ("prepare", "embed", "sasrec", "tokenize-rqkmeans", "tokenize-rqvae")
+SIDCL = "-sidcl"  # suffix of the variants (and the results key) whose sequence loss targets the semantic IDs
 
 
 def variants(seq_cl: float, target: str = "item") -> dict[str, tuple[str | None, list[str]]]:
@@ -73,7 +74,7 @@ def variants(seq_cl: float, target: str = "item") -> dict[str, tuple[str | None,
     rw = ["sasrec.reweight=sid", f"sasrec.contrastive_weight={seq_cl}"]
     suffix = ""
     if target == "sid" and seq_cl > 0:
-        rw, suffix = [*rw, "sasrec.contrastive_target=sid"], "-sidcl"
+        rw, suffix = [*rw, "sasrec.contrastive_target=sid"], SIDCL
     out: dict[str, tuple[str | None, list[str]]] = {
         "sasrec-ce": (None, []),
         f"rw-rqvae{suffix}": ("rqvae", rw),
@@ -221,7 +222,7 @@ def main() -> None:
         raise SystemExit(f"unknown variants {sorted(unknown)}; choose among {', '.join(all_variants)}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    name = load_config(args.config).name + ("-sidcl" if args.seq_cl_target == "sid" else "")
+    name = load_config(args.config).name + (SIDCL if args.seq_cl_target == "sid" else "")
     rows: list[dict] = []
     quality: dict[int, dict[str, dict]] = {}
     for seed in map(int, args.seeds.split(",")):

@@ -288,7 +288,7 @@ def loop_config(cfg: Config, data: Sequences, codes: np.ndarray | None = None) -
                          contrastive_weight=s.contrastive_weight,
                          contrastive_temperature=s.contrastive_temperature,
                          contrastive_target=s.contrastive_target,
-                         sid_codebook_size=0 if codes is None else int(codes.max()) + 1)
+                         sid_codebook_size=int(codes.max()) + 1 if s.contrastive_target == "sid" else 0)
     return {"model": dataclasses.asdict(model), "lr": s.lr, "weight_decay": s.weight_decay,
             "batch_size": s.batch_size, "epochs": s.epochs, "eval_every": s.eval_every,
             "unseen_negatives": s.unseen_negatives,
