@@ -232,6 +232,11 @@ class SASRecTrainConfig:
             sampler). Ignored by ``ce``.
         lr, weight_decay: AdamW.
         batch_size: users per step and per worker.
+        loss_average: how a batch's loss is averaged. Batches hold users of similar history length (for
+            speed). ``batch`` takes the mean over the batch's target positions, so every batch weighs the
+            same and a short history's positions weigh more than a long one's. ``epoch`` divides the batch's
+            summed loss by the epoch's mean number of target positions per batch, so every target position
+            weighs the same over the epoch, as with the plain shuffled batches of S3-Rec and RecBole.
         epochs: epoch budget; ``patience`` evaluations without a better valid NDCG@10 stop earlier.
         eval_every: evaluate on valid every this many epochs (and after the last one).
         exclude_history: drop a user's history items from the candidates at evaluation. The default keeps
@@ -274,6 +279,7 @@ class SASRecTrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     batch_size: int = 256
+    loss_average: Literal["batch", "epoch"] = "batch"
     epochs: int = 200
     patience: int = 10
     eval_every: int = 1

@@ -124,8 +124,8 @@ def stage_config_hash(cfg: Config) -> str:
     """Hash of what the outputs depend on: the ``sasrec`` section (minus operational keys) and the seed.
 
     The BBQRec settings count only when they are switched on (``reweight=sid``, ``contrastive_weight > 0``,
-    ``contrastive_target=sid``), the negative sampler only when BCE uses ``unseen``, and the block layout
-    only when it is ``post``, so a plain SASRec keeps the hash it had before they existed (its recorded
+    ``contrastive_target=sid``), the negative sampler only when BCE uses ``unseen``, the block layout
+    only when it is ``post`` and the loss averaging only when it is ``epoch``, so a plain SASRec keeps the hash it had before they existed (its recorded
     runs stay current).
     """
     s = cfg.sasrec
@@ -142,6 +142,8 @@ def stage_config_hash(cfg: Config) -> str:
         unused.append("negatives")
     if s.norm == "pre":
         unused.append("norm")
+    if s.loss_average == "batch":
+        unused.append("loss_average")
     section = {k: v for k, v in dataclasses.asdict(s).items() if k not in unused}
     payload = json.dumps({"sasrec": section, "seed": cfg.seed}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
@@ -290,7 +292,7 @@ def loop_config(cfg: Config, data: Sequences, codes: np.ndarray | None = None) -
                          contrastive_target=s.contrastive_target,
                          sid_codebook_size=int(codes.max()) + 1 if s.contrastive_target == "sid" else 0)
     return {"model": dataclasses.asdict(model), "lr": s.lr, "weight_decay": s.weight_decay,
-            "batch_size": s.batch_size, "epochs": s.epochs, "eval_every": s.eval_every,
+            "batch_size": s.batch_size, "loss_average": s.loss_average, "epochs": s.epochs, "eval_every": s.eval_every,
             "unseen_negatives": s.unseen_negatives,
             "exclude_history": s.exclude_history, "seed": cfg.seed if s.seed is None else s.seed, "data": data,
             "sid_codes": codes}
@@ -360,19 +362,30 @@ def length_buckets(order: np.ndarray, inputs: np.ndarray, pad: int, batch_size: 
 
 def _train_epoch(ctx: WorkerContext, step: torch.nn.Module, opt: torch.optim.Optimizer, data: Sequences,
                  config: dict[str, Any], epoch: int) -> float:
-    """One pass over this rank's shard; returns the mean training loss (this rank's)."""
+    """One pass over this rank's shard; returns the mean training loss (this rank's).
+
+    With ``loss_average=epoch`` each batch's mean loss is rescaled by its target positions over the epoch's
+    mean per batch (see ``SASRecTrainConfig.loss_average``); the returned figure is the unscaled mean.
+    """
     step.train()
     order = ctx.shard(len(data.train_inputs), seed=config["seed"] + epoch)
     bs, total, n = config["batch_size"], 0.0, 0
-    for rows in length_buckets(order, data.train_inputs, data.num_items, bs, seed=config["seed"] + epoch):
+    batches = length_buckets(order, data.train_inputs, data.num_items, bs, seed=config["seed"] + epoch)
+    per_batch = None
+    if config.get("loss_average", "batch") == "epoch" and batches:
+        per_batch = float((data.train_targets[order] != data.num_items).sum()) / len(batches)
+    for rows in batches:
         inputs, targets = _trimmed([data.train_inputs[rows], data.train_targets[rows]], data.num_items, ctx.device)
         if config["unseen_negatives"]:
             seen = torch.cat([inputs, targets[:, -1:]], dim=1)  # the user's whole training sequence
             out = step(inputs, targets, sample_unseen_negatives(targets, seen, data.num_items))
         else:
             out = step(inputs, targets)
+        loss = out.loss
+        if per_batch is not None:
+            loss = loss * (float((targets != data.num_items).sum()) / per_batch)
         opt.zero_grad(set_to_none=True)
-        out.loss.backward()
+        loss.backward()
         opt.step()
         total, n = total + float(out.loss.detach()), n + 1
     return total / max(n, 1)

@@ -179,6 +179,56 @@ def test_the_block_layout_counts_in_the_hash_only_when_post(tiny_config):
         tiny_config("sasrec.norm=sandwich")
 
 
+class _ScaleProbe(torch.nn.Module):
+    """A training step whose loss is 1 * p: after backward, p.grad is the weight the batch got."""
+
+    def __init__(self, pad: int) -> None:
+        super().__init__()
+        self.p, self.pad, self.weights, self.positions = torch.nn.Parameter(torch.zeros(())), pad, [], []
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor, negatives: Any = None) -> Any:
+        self.positions.append(int((targets != self.pad).sum()))
+        return SimpleNamespace(loss=self.p + 1.0)
+
+
+class _Record(torch.optim.Optimizer):
+    def __init__(self, probe: _ScaleProbe) -> None:
+        super().__init__([probe.p], {})
+        self.probe = probe
+
+    def step(self, closure: Any = None) -> None:
+        self.probe.weights.append(float(self.probe.p.grad))
+
+
+@pytest.mark.parametrize("average", ["batch", "epoch"])
+def test_loss_average_weighs_every_batch_or_every_target_position_the_same(average):
+    P, rng = 50, np.random.default_rng(0)
+    lengths = np.r_[np.full(64, 2), np.full(64, 12)]  # short and long histories, bucketed apart
+    inputs = np.full((128, 12), P)
+    for row, n in enumerate(lengths):
+        inputs[row, -n:] = rng.integers(0, P, n)
+    data = SimpleNamespace(train_inputs=inputs, train_targets=inputs.copy(), num_items=P)
+    probe = _ScaleProbe(P)
+    config = {"batch_size": 16, "seed": 0, "unseen_negatives": False, "loss_average": average}
+    sasrec._train_epoch(_OneProcess(), probe, _Record(probe), data, config, epoch=0)
+
+    weights, positions = np.array(probe.weights), np.array(probe.positions)
+    assert len(weights) == 8 and set(positions) == {2 * 16, 12 * 16}  # the buckets did separate the lengths
+    if average == "batch":
+        np.testing.assert_allclose(weights, 1.0)
+    else:  # weight per target position is the same everywhere; the epoch's total weight is unchanged
+        np.testing.assert_allclose(weights / positions, weights[0] / positions[0])
+        assert weights.sum() == pytest.approx(len(weights))
+
+
+def test_loss_average_counts_in_the_hash_only_when_epoch(tiny_config):
+    plain = sasrec.stage_config_hash(tiny_config())
+    assert sasrec.stage_config_hash(tiny_config("sasrec.loss_average=batch")) == plain
+    assert sasrec.stage_config_hash(tiny_config("sasrec.loss_average=epoch")) != plain
+    with pytest.raises(ConfigError, match="sasrec.loss_average"):
+        tiny_config("sasrec.loss_average=user")
+
+
 @pytest.mark.ray
 def test_unseen_negatives_never_sample_the_users_own_items(prepared, tiny_config, monkeypatch):
     cfg = tiny_config("sasrec.epochs=2", "sasrec.loss=bce", "sasrec.negatives=unseen")
