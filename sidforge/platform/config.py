@@ -236,7 +236,8 @@ class SASRecTrainConfig:
             speed). ``batch`` takes the mean over the batch's target positions, so every batch weighs the
             same and a short history's positions weigh more than a long one's. ``epoch`` divides the batch's
             summed loss by the epoch's mean number of target positions per batch, so every target position
-            weighs the same over the epoch, as with the plain shuffled batches of S3-Rec and RecBole.
+            weighs the same over the epoch, as with the plain shuffled batches of S3-Rec and RecBole (the
+            whole batch loss is rescaled, the sequence-to-item term included; speed is unchanged).
         epochs: epoch budget; ``patience`` evaluations without a better valid NDCG@10 stop earlier.
         eval_every: evaluate on valid every this many epochs (and after the last one).
         exclude_history: drop a user's history items from the candidates at evaluation. The default keeps

@@ -125,8 +125,8 @@ def stage_config_hash(cfg: Config) -> str:
 
     The BBQRec settings count only when they are switched on (``reweight=sid``, ``contrastive_weight > 0``,
     ``contrastive_target=sid``), the negative sampler only when BCE uses ``unseen``, the block layout
-    only when it is ``post`` and the loss averaging only when it is ``epoch``, so a plain SASRec keeps the hash it had before they existed (its recorded
-    runs stay current).
+    only when it is ``post`` and the loss averaging only when it is ``epoch``, so a plain SASRec keeps
+    the hash it had before they existed (its recorded runs stay current).
     """
     s = cfg.sasrec
     unused = list(_OPERATIONAL)
@@ -292,7 +292,8 @@ def loop_config(cfg: Config, data: Sequences, codes: np.ndarray | None = None) -
                          contrastive_target=s.contrastive_target,
                          sid_codebook_size=int(codes.max()) + 1 if s.contrastive_target == "sid" else 0)
     return {"model": dataclasses.asdict(model), "lr": s.lr, "weight_decay": s.weight_decay,
-            "batch_size": s.batch_size, "loss_average": s.loss_average, "epochs": s.epochs, "eval_every": s.eval_every,
+            "batch_size": s.batch_size, "loss_average": s.loss_average, "epochs": s.epochs,
+            "eval_every": s.eval_every,
             "unseen_negatives": s.unseen_negatives,
             "exclude_history": s.exclude_history, "seed": cfg.seed if s.seed is None else s.seed, "data": data,
             "sid_codes": codes}
