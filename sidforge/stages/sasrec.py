@@ -372,21 +372,19 @@ def _train_epoch(ctx: WorkerContext, step: torch.nn.Module, opt: torch.optim.Opt
     order = ctx.shard(len(data.train_inputs), seed=config["seed"] + epoch)
     bs, total, n = config["batch_size"], 0.0, 0
     batches = length_buckets(order, data.train_inputs, data.num_items, bs, seed=config["seed"] + epoch)
-    per_batch = None
-    if config.get("loss_average", "batch") == "epoch" and batches:
-        per_batch = float((data.train_targets[order] != data.num_items).sum()) / len(batches)
-    for rows in batches:
+    scales = [1.0] * len(batches)
+    if config["loss_average"] == "epoch" and batches:
+        counts = np.array([(data.train_targets[rows] != data.num_items).sum() for rows in batches], dtype=float)
+        scales = (counts / counts.mean()).tolist()  # target positions of each batch over the epoch's mean
+    for rows, scale in zip(batches, scales):
         inputs, targets = _trimmed([data.train_inputs[rows], data.train_targets[rows]], data.num_items, ctx.device)
         if config["unseen_negatives"]:
             seen = torch.cat([inputs, targets[:, -1:]], dim=1)  # the user's whole training sequence
             out = step(inputs, targets, sample_unseen_negatives(targets, seen, data.num_items))
         else:
             out = step(inputs, targets)
-        loss = out.loss
-        if per_batch is not None:
-            loss = loss * (float((targets != data.num_items).sum()) / per_batch)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (out.loss * scale).backward()  # scale is exactly 1.0 for loss_average=batch
         opt.step()
         total, n = total + float(out.loss.detach()), n + 1
     return total / max(n, 1)
