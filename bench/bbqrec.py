@@ -18,6 +18,8 @@ behavior embeddings e_b of BBQ), the tokenizers ``tokenize-{rqkmeans,rqvae,bbq,b
     rw-bbq-nomi     BBQ IDs trained without the MI (CLUB) term
     ...-sidcl       with --seq-cl-target sid: the sequence-to-item loss of the four reweighted variants above
                     contrasts with the target's semantic-ID embedding (sasrec.contrastive_target=sid)
+    ...-sidemb      with --item-repr id+sid: the reweighted variants represent every item by its ID embedding
+                    plus its semantic-ID embedding (sasrec.item_repr=id+sid), after any -sidcl suffix
     rw-bbq-noseqcl  BBQ reweighting without the sequence-to-item loss   (only when --seq-cl > 0)
     norw-seqcl      no reweighting, sequence-to-item loss only          (only when --seq-cl > 0;
                                                                          with --seq-cl 0 it is sasrec-ce)
@@ -63,18 +65,22 @@ TOKENIZERS = {  # folder suffix -> overrides (rqkmeans/rqvae keep the config's d
 }
 REUSABLE = ("prepare", "embed", "sasrec", "tokenize-rqkmeans", "tokenize-rqvae")
 SIDCL = "-sidcl"  # suffix of the variants (and the results key) whose sequence loss targets the semantic IDs
+SIDEMB = "-sidemb"  # suffix of the variants (and the results key) whose items are ID + semantic-ID embeddings
 
 
-def variants(seq_cl: float, target: str = "item") -> dict[str, tuple[str | None, list[str]]]:
+def variants(seq_cl: float, target: str = "item", item_repr: str = "id") -> dict[str, tuple[str | None, list[str]]]:
     """variant -> (tokenizer folder suffix or None, sasrec overrides).
 
     With ``target="sid"`` the reweighted variants contrast the sequence with the target's semantic-ID
-    embedding instead of its item embedding, and carry the suffix ``-sidcl`` (their own run folders).
+    embedding instead of its item embedding, and carry the suffix ``-sidcl`` (their own run folders); with
+    ``item_repr="id+sid"`` they represent items by ID plus semantic-ID embeddings, suffix ``-sidemb``.
     """
     rw = ["sasrec.reweight=sid", f"sasrec.contrastive_weight={seq_cl}"]
     suffix = ""
     if target == "sid" and seq_cl > 0:
         rw, suffix = [*rw, "sasrec.contrastive_target=sid"], SIDCL
+    if item_repr == "id+sid":
+        rw, suffix = [*rw, "sasrec.item_repr=id+sid"], suffix + SIDEMB
     out: dict[str, tuple[str | None, list[str]]] = {
         "sasrec-ce": (None, []),
         f"rw-rqvae{suffix}": ("rqvae", rw),
@@ -130,7 +136,8 @@ def run_seed(args: argparse.Namespace, seed: int, chosen: list[str]) -> tuple[li
     behavior = np.asarray(pq.read_table(run.stage_dir("sasrec") / "item_embeddings.parquet")
                           .column("embedding").to_pylist(), dtype=np.float32)
     quality: dict[str, dict] = {}
-    needed = {tok for name, (tok, _) in variants(args.seq_cl, args.seq_cl_target).items() if name in chosen and tok}
+    table = variants(args.seq_cl, args.seq_cl_target, args.item_repr)
+    needed = {tok for name, (tok, _) in table.items() if name in chosen and tok}
     for name, extra in TOKENIZERS.items():
         if not args.tokenizers_only and name not in needed and name != "rqkmeans":
             continue
@@ -141,7 +148,7 @@ def run_seed(args: argparse.Namespace, seed: int, chosen: list[str]) -> tuple[li
                          "wall_s": round(time.perf_counter() - t0, 1), "skipped": res.skipped}
     if args.tokenizers_only:
         return rows, quality
-    for name, (tok, extra) in variants(args.seq_cl, args.seq_cl_target).items():
+    for name, (tok, extra) in table.items():
         if name == "sasrec-ce" or name not in chosen:
             continue
         t0 = time.perf_counter()
@@ -209,20 +216,23 @@ def main() -> None:
                     help="sasrec.contrastive_weight of the reweighted variants (0 = no sequence-to-item loss)")
     ap.add_argument("--seq-cl-target", choices=["item", "sid"], default="item",
                     help="what the reweighted variants' sequence-to-item loss contrasts with (sid: -sidcl variants)")
+    ap.add_argument("--item-repr", choices=["id", "id+sid"], default="id",
+                    help="item representation of the reweighted variants (id+sid: -sidemb variants)")
     ap.add_argument("--variants", default="", help="comma-separated subset of the variants (default: all)")
     ap.add_argument("--tokenizers-only", action="store_true", help="fit the tokenizers and print their table only")
     ap.add_argument("--out", default="bench/results/bbqrec.json")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     init_ray(num_cpus=2)
-    all_variants = list(variants(args.seq_cl, args.seq_cl_target))
+    all_variants = list(variants(args.seq_cl, args.seq_cl_target, args.item_repr))
     chosen = [v for v in args.variants.split(",") if v] or all_variants
     unknown = set(chosen) - set(all_variants)
     if unknown:
         raise SystemExit(f"unknown variants {sorted(unknown)}; choose among {', '.join(all_variants)}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    name = load_config(args.config).name + (SIDCL if args.seq_cl_target == "sid" else "")
+    name = (load_config(args.config).name + (SIDCL if args.seq_cl_target == "sid" else "")
+            + (SIDEMB if args.item_repr == "id+sid" else ""))
     rows: list[dict] = []
     quality: dict[int, dict[str, dict]] = {}
     for seed in map(int, args.seeds.split(",")):
@@ -230,7 +240,7 @@ def main() -> None:
         rows += seed_rows
         results = json.loads(out.read_text()) if out.is_file() else {}
         results[name] = {"config": args.config, "overrides": args.overrides, "seq_cl": args.seq_cl,
-                         "seq_cl_target": args.seq_cl_target,
+                         "seq_cl_target": args.seq_cl_target, "item_repr": args.item_repr,
                          "machine": f"{platform.node()} {platform.machine()}", "runs": rows,
                          "summary": summarise(rows), "tokenizers": {str(s): q for s, q in quality.items()}}
         out.write_text(json.dumps(results, indent=2, default=str))

@@ -21,7 +21,8 @@ Conventions (our choices where the paper leaves them open):
   ``norm="post"`` switches to the BERT-style blocks of S3-Rec's and RecBole's SASRec (``LN(x + attn(x))``,
   ``LN(x + FFN(x))``, a layer norm on the input embeddings and none at the end): the implementation behind
   the full-ranking Beauty figures that the literature quotes for SASRec.
-* **Output layer.** Tied to the item embedding: the score of item j is ``<h_t, E[j]>``.
+* **Output layer.** Tied to the item embedding: the score of item j is ``<h_t, E[j]>`` (``E`` is the item
+  representation of :meth:`SASRec.embed_items`, the ID embedding unless ``item_repr="id+sid"``).
 
 BBQRec's additions (our choices where the paper's summary is silent):
 
@@ -40,6 +41,11 @@ BBQRec's additions (our choices where the paper's summary is silent):
   is the item's own embedding (``contrastive_target="item"``) or a learned embedding of its semantic ID
   (``"sid"``: the sum of one code embedding per level), which shares the signal among items with common
   codes; then items whose codes are all equal to the target's are not negatives either.
+* **Semantic-ID item representation** (``item_repr="id+sid"``, an option beyond the paper's summary): an
+  item is represented by its ID embedding plus the embedding of its semantic ID (the same per-level code
+  table), wherever the model uses items: the input sequence, the output scores and the loss targets. Items
+  that share codes then share parameters, so a rarely seen item starts from what its code neighbours
+  learned. The default ``"id"`` is the plain ID embedding.
 """
 
 from __future__ import annotations
@@ -86,7 +92,10 @@ class SASRecConfig:
         contrastive_target: ``"item"`` (the target's item embedding) or ``"sid"`` (the sum of its per-level
             code embeddings; needs ``sid_levels`` and ``sid_codebook_size``).
         sid_codebook_size: K, codes per level (codes are ``0 .. K-1``); sizes the code embeddings of
-            ``contrastive_target="sid"``.
+            ``contrastive_target="sid"`` and ``item_repr="id+sid"``.
+        item_repr: ``"id"`` (an item is its ID embedding) or ``"id+sid"`` (its ID embedding plus the sum of
+            its per-level code embeddings, in the input, the output scores and the targets; needs
+            ``sid_levels`` and ``sid_codebook_size``).
     """
 
     num_items: int
@@ -110,6 +119,7 @@ class SASRecConfig:
     contrastive_temperature: float = 0.1
     contrastive_target: Literal["item", "sid"] = "item"
     sid_codebook_size: int = 0
+    item_repr: Literal["id", "id+sid"] = "id"
 
     def __post_init__(self) -> None:
         if self.num_items < 2:
@@ -148,6 +158,16 @@ class SASRecConfig:
         if self.contrastive_target == "sid" and (self.sid_levels < 1 or self.sid_codebook_size < 1):
             raise ValueError("contrastive_target='sid' needs semantic IDs: set sid_levels (L) and "
                              "sid_codebook_size (K, the largest code + 1)")
+        if self.item_repr not in ("id", "id+sid"):
+            raise ValueError(f"item_repr={self.item_repr!r} is unknown; use 'id' or 'id+sid'")
+        if self.item_repr == "id+sid" and (self.sid_levels < 1 or self.sid_codebook_size < 1):
+            raise ValueError("item_repr='id+sid' needs semantic IDs: set sid_levels (L) and "
+                             "sid_codebook_size (K, the largest code + 1)")
+
+    @property
+    def uses_sid_embeddings(self) -> bool:
+        """The model holds per-level code embeddings (the SID contrastive target or the SID item part)."""
+        return self.contrastive_target == "sid" or self.item_repr == "id+sid"
 
     @property
     def pad_id(self) -> int:
@@ -376,7 +396,7 @@ class SASRec(nn.Module):
                                               config.reweight_match, config.reweight_init, config.reweight_learned,
                                               config.reweight_self)
         self.sid_code_emb: nn.Embedding | None = None
-        if config.contrastive_target == "sid":
+        if config.uses_sid_embeddings:
             # one flat table: level l's code c is row l * K + c; the last row (no code) stays zero. Drawn
             # after every other weight, so the rest of the model starts as the plain one of the same seed.
             pad = config.sid_levels * config.sid_codebook_size
@@ -445,7 +465,7 @@ class SASRec(nn.Module):
 
         # Positions count from the right so the most recent item always sits at max_len - 1.
         pos = torch.arange(self.config.max_len - T, self.config.max_len, device=input_ids.device)  # (T,)
-        x = self.ln_emb(self.item_emb(input_ids) + self.pos_emb(pos))  # (B, T, H)
+        x = self.ln_emb(self.embed_items(input_ids) + self.pos_emb(pos))  # (B, T, H)
         keep_f = keep.unsqueeze(-1).to(x.dtype)  # (B, T, 1)
         x = self.emb_dropout(x) * keep_f
         for block in self.blocks:
@@ -492,7 +512,7 @@ class SASRec(nn.Module):
         return mask + attn_bias
 
     def sid_embeddings(self, item_ids: Tensor) -> Tensor:
-        """Semantic-ID embeddings (``contrastive_target="sid"``): the sum of the items' code embeddings.
+        """Semantic-ID embeddings: the sum of the items' code embeddings (zero for the pad item).
 
         Args:
             item_ids: long item ids of any shape ``S``.
@@ -501,20 +521,38 @@ class SASRec(nn.Module):
             ``S + (H,)`` float embeddings.
         """
         if self.sid_code_emb is None:
-            raise ValueError("sid_embeddings needs a model built with contrastive_target='sid'")
+            raise ValueError("sid_embeddings needs a model built with contrastive_target='sid' or "
+                             "item_repr='id+sid'")
         codes = self.sid_codes[item_ids]  # S + (L,)
         offsets = torch.arange(codes.shape[-1], device=codes.device) * self.config.sid_codebook_size
         rows = torch.where(codes >= 0, codes + offsets, self.sid_code_emb.padding_idx)
         return self.sid_code_emb(rows).sum(dim=-2)
 
-    def item_embeddings(self) -> Tensor:
-        """The item (behavior) embedding table without the pad row.
+    def embed_items(self, item_ids: Tensor) -> Tensor:
+        """Item representations: the ID embedding, plus the semantic-ID embedding with ``item_repr="id+sid"``.
+
+        Args:
+            item_ids: long item ids of any shape ``S`` (the pad id gives zeros).
 
         Returns:
-            ``(num_items, H)`` view of the embedding parameter (row j is item j); call ``.detach()``
-            before storing it outside the model.
+            ``S + (H,)`` float embeddings.
         """
-        return self.item_emb.weight[: self.config.num_items]
+        emb = self.item_emb(item_ids)
+        if self.config.item_repr == "id+sid":
+            emb = emb + self.sid_embeddings(item_ids)
+        return emb
+
+    def item_embeddings(self) -> Tensor:
+        """The item (behavior) embeddings the model scores with, without the pad row.
+
+        Returns:
+            ``(num_items, H)``: with ``item_repr="id"`` a view of the embedding parameter (row j is item j),
+            with ``"id+sid"`` the ID plus semantic-ID embeddings; call ``.detach()`` before storing it
+            outside the model.
+        """
+        if self.config.item_repr == "id":
+            return self.item_emb.weight[: self.config.num_items]
+        return self.embed_items(torch.arange(self.config.num_items, device=self.item_emb.weight.device))
 
     def score_all(self, input_ids: Tensor, attn_bias: Tensor | None = None) -> Tensor:
         """Score every catalogue item as the next item after each sequence.
@@ -589,8 +627,8 @@ class SASRec(nn.Module):
             return hidden.new_zeros(())  # no negatives to contrast with
         keys = last[rows]  # (B',)
         seq = F.normalize(hidden[:, -1][rows], dim=-1)  # (B', H)
-        if self.sid_code_emb is None:
-            items = F.normalize(self.item_emb(keys), dim=-1)  # (B', H)
+        if self.config.contrastive_target == "item":
+            items = F.normalize(self.embed_items(keys), dim=-1)  # (B', H)
             same = keys[:, None] == keys[None, :]  # (B', B')
         else:
             items = F.normalize(self.sid_embeddings(keys), dim=-1)  # (B', H)
@@ -614,8 +652,8 @@ class SASRec(nn.Module):
             )
         # Pad positions carry pad/garbage ids; point them at the (zero) pad row before the lookup.
         negatives = negatives.masked_fill(~valid, self.config.pad_id)
-        pos_logit = (hidden * self.item_emb(target_ids)).sum(-1)  # (B, T)
-        neg_logit = (hidden * self.item_emb(negatives)).sum(-1)  # (B, T)
+        pos_logit = (hidden * self.embed_items(target_ids)).sum(-1)  # (B, T)
+        neg_logit = (hidden * self.embed_items(negatives)).sum(-1)  # (B, T)
         per_pos = F.binary_cross_entropy_with_logits(
             pos_logit, torch.ones_like(pos_logit), reduction="none"
         ) + F.binary_cross_entropy_with_logits(neg_logit, torch.zeros_like(neg_logit), reduction="none")

@@ -266,6 +266,9 @@ class SASRecTrainConfig:
         contrastive_target: what the sequence is contrasted with: ``item`` (the target's item embedding)
             or ``sid`` (a learned embedding of the target's semantic ID, the sum of one code embedding per
             level, so items that share codes share the signal; needs ``reweight=sid`` for the codes).
+        item_repr: how an item is represented in the input, the output scores and the loss targets: ``id``
+            (its ID embedding) or ``id+sid`` (its ID embedding plus the sum of its per-level code embeddings,
+            so items that share codes share parameters; needs ``reweight=sid`` for the codes).
     """
 
     hidden: int = 64
@@ -299,6 +302,7 @@ class SASRecTrainConfig:
     contrastive_weight: float = 0.0
     contrastive_temperature: float = 0.1
     contrastive_target: Literal["item", "sid"] = "item"
+    item_repr: Literal["id", "id+sid"] = "id"
 
     @property
     def unseen_negatives(self) -> bool:
@@ -329,6 +333,9 @@ class SASRecTrainConfig:
         if self.contrastive_target == "sid" and self.reweight != "sid":
             raise ConfigError("sasrec.contrastive_target=sid reads the semantic IDs of sasrec.reweight=sid: set "
                               "reweight=sid (with --sids RUN/tokenize-<name>) or contrastive_target=item")
+        if self.item_repr == "id+sid" and self.reweight != "sid":
+            raise ConfigError("sasrec.item_repr=id+sid reads the semantic IDs of sasrec.reweight=sid: set "
+                              "reweight=sid (with --sids RUN/tokenize-<name>) or item_repr=id")
 
     @property
     def output_name(self) -> str:

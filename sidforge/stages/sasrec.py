@@ -22,7 +22,8 @@ Training checkpoints live in ``RUN/_train/sasrec-<config hash>-<inputs hash>/`` 
 stage killed mid-training resumes from its last epoch when run again with the same config and inputs
 (``force`` starts over). They are deleted once the outputs are written.
 
-BBQRec variants (``sasrec.reweight=sid``, ``sasrec.contrastive_weight``, ``sasrec.contrastive_target``) run
+BBQRec variants (``sasrec.reweight=sid``, ``sasrec.contrastive_weight``, ``sasrec.contrastive_target``,
+``sasrec.item_repr``) run
 through the same stage: the attention is reweighted by the SID similarity of the items
 (:class:`sidforge.models.sasrec.SIDSimilarityBias`), reading the ``codes`` column of a tokenizer's
 ``sids.parquet`` (the semantic levels; the collision digit is an arbitrary rank, so equal digits say nothing
@@ -125,8 +126,9 @@ def stage_config_hash(cfg: Config) -> str:
 
     The BBQRec settings count only when they are switched on (``reweight=sid``, ``contrastive_weight > 0``,
     ``contrastive_target=sid``), the negative sampler only when BCE uses ``unseen``, the block layout
-    only when it is ``post`` and the loss averaging only when it is ``epoch``, so a plain SASRec keeps
-    the hash it had before they existed (its recorded runs stay current).
+    only when it is ``post``, the loss averaging only when it is ``epoch`` and the item representation only
+    when it is ``id+sid``, so a plain SASRec keeps the hash it had before they existed (its recorded runs
+    stay current).
     """
     s = cfg.sasrec
     unused = list(_OPERATIONAL)
@@ -144,6 +146,8 @@ def stage_config_hash(cfg: Config) -> str:
         unused.append("norm")
     if s.loss_average == "batch":
         unused.append("loss_average")
+    if s.item_repr == "id":
+        unused.append("item_repr")
     section = {k: v for k, v in dataclasses.asdict(s).items() if k not in unused}
     payload = json.dumps({"sasrec": section, "seed": cfg.seed}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
@@ -290,7 +294,9 @@ def loop_config(cfg: Config, data: Sequences, codes: np.ndarray | None = None) -
                          contrastive_weight=s.contrastive_weight,
                          contrastive_temperature=s.contrastive_temperature,
                          contrastive_target=s.contrastive_target,
-                         sid_codebook_size=int(codes.max()) + 1 if s.contrastive_target == "sid" else 0)
+                         item_repr=s.item_repr,
+                         sid_codebook_size=int(codes.max()) + 1 if codes is not None and (
+                             s.contrastive_target == "sid" or s.item_repr == "id+sid") else 0)
     return {"model": dataclasses.asdict(model), "lr": s.lr, "weight_decay": s.weight_decay,
             "batch_size": s.batch_size, "loss_average": s.loss_average, "epochs": s.epochs,
             "eval_every": s.eval_every,
@@ -423,7 +429,13 @@ def _write_outputs(out: Path, result: FitResult, data: Sequences, model_config: 
     if result.best_checkpoint is None:
         raise RuntimeError(f"sasrec: the best checkpoint (epoch {result.best_epoch}) is missing under {result.path}")
     state = load_state(result.best_checkpoint)["model"]
-    emb = state["item_emb.weight"][: data.num_items].float().numpy()  # (num_items, H), pad row dropped
+    if model_config.get("item_repr", "id") == "id":
+        emb = state["item_emb.weight"][: data.num_items].float().numpy()  # (num_items, H), pad row dropped
+    else:  # the ID plus semantic-ID embeddings the model scores with
+        model = SASRec(SASRecConfig(**model_config))
+        model.load_state_dict(state)
+        with torch.no_grad():
+            emb = model.item_embeddings().float().numpy()
     norm = np.linalg.norm(emb, axis=1).astype(np.float32)
     table = pa.table({"item_id": np.arange(data.num_items, dtype=np.int64),
                       "embedding": pa.array(list(emb), type=pa.list_(pa.float32())), "norm": norm},

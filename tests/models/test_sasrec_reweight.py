@@ -264,3 +264,43 @@ def test_the_sid_target_trains_the_code_rows_of_the_targets_only_and_is_checked(
         _sid_model(sid_codebook_size=4)  # code 4 at level 1 does not fit
     with pytest.raises(ValueError, match="contrastive_target"):
         SASRecConfig(num_items=N_ITEMS, contrastive_target="content")  # type: ignore[arg-type]
+
+
+def test_an_id_plus_sid_item_is_its_id_row_plus_its_code_rows_in_input_scores_and_targets():
+    m = model(dropout=0.0, sid_levels=L, sid_codebook_size=5, item_repr="id+sid").eval()
+    rows, ids_w = m.sid_code_emb.weight, m.item_emb.weight
+    assert torch.allclose(m.embed_items(torch.tensor([1]))[0], ids_w[1] + rows[0] + rows[5 + 0] + rows[10 + 1])
+    assert torch.equal(m.embed_items(torch.tensor([N_ITEMS]))[0], torch.zeros(16))  # padding stays zero
+    table = m.item_embeddings()
+    assert torch.allclose(table, ids_w[:N_ITEMS] + m.sid_embeddings(torch.arange(N_ITEMS)))
+    ids, _ = batch()
+    assert torch.allclose(m.score_all(ids), m(ids)[:, -1] @ table.T)
+    # the code rows are part of every item that carries them: moving the row of level-1 code 0 (items 0-3)
+    # shifts the scores of exactly those items, and leaves a sequence that holds none of them unchanged
+    with torch.no_grad():
+        before = m.score_all(ids[:, -1:] * 0 + 5)  # sequence [5]: no code 0 at level 1 in its input
+        h = m(ids[:, -1:] * 0 + 5)[:, -1]
+        m.sid_code_emb.weight[0] += torch.linspace(-1.0, 1.0, 16)  # not constant: LayerNorm'd h sums to 0
+        after = m.score_all(ids[:, -1:] * 0 + 5)
+        assert torch.equal(m(ids[:, -1:] * 0 + 5)[:, -1], h)
+    moved = (after - before).abs()[0] > 1e-6
+    assert moved[:4].all() and not moved[4:].any()
+    # the plain ID model is the same model minus the code rows: every other weight starts equal
+    plain = model(dropout=0.0, sid_levels=L).state_dict()
+    assert all(torch.equal(v, plain[k]) for k, v in m.state_dict().items() if not k.startswith("sid_code_emb"))
+
+
+def test_id_plus_sid_trains_the_code_rows_of_input_and_target_items_and_is_checked():
+    P = N_ITEMS
+    ids = torch.tensor([[P, P, P, P, P, P, 5, 6]])  # items 5, 6 in, 7 the last target
+    targets = torch.tensor([[P, P, P, P, P, P, 6, 7]])
+    m = model(dropout=0.0, sid_levels=L, sid_codebook_size=5, item_repr="id+sid")
+    m.loss(ids, targets).loss.backward()
+    grad = m.sid_code_emb.weight.grad.abs().sum(dim=-1)
+    # CE scores the whole catalogue, so every code row in use gets a gradient; the no-code row stays zero
+    used = {lvl * 5 + int(c) for item in range(N_ITEMS) for lvl, c in enumerate(codes()[item]) if c >= 0}
+    assert all(grad[r] > 0 for r in used) and grad[-1] == 0
+    with pytest.raises(ValueError, match="item_repr='id\\+sid' needs semantic IDs"):
+        SASRecConfig(num_items=N_ITEMS, item_repr="id+sid")
+    with pytest.raises(ValueError, match="item_repr"):
+        SASRecConfig(num_items=N_ITEMS, item_repr="sid")  # type: ignore[arg-type]

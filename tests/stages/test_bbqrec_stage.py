@@ -191,6 +191,33 @@ def test_the_sequence_loss_can_target_the_semantic_ids_and_counts_in_the_hash_on
         _config(run_dir, "sasrec.contrastive_target=sid")  # no IDs without reweight=sid
 
 
+def test_items_can_be_id_plus_sid_embeddings_which_the_outputs_hold_and_the_hash_counts_only_then(built, tmp_path):
+    run_dir = _copy(built, tmp_path)
+    reweighted = ("sasrec.reweight=sid", "sasrec.name=sidemb", "sasrec.epochs=2")
+    cfg = _config(run_dir, *reweighted, "sasrec.item_repr=id+sid")
+    res = sasrec.run(cfg, RunDir(run_dir), run_dir / "tokenize-bbq")
+    saved = torch.load(res.out_dir / "model.pt", weights_only=False)
+    codes = np.array(pq.read_table(run_dir / "tokenize-bbq" / "sids.parquet").column("codes").to_pylist())
+    assert saved["config"]["item_repr"] == "id+sid" and saved["config"]["sid_codebook_size"] == codes.max() + 1
+    model = SASRec(SASRecConfig(**saved["config"]))
+    model.load_state_dict(saved["state_dict"])
+    # the written item embeddings are what the model scores with: ID rows plus semantic-ID rows
+    written = np.asarray(pq.read_table(res.out_dir / "item_embeddings.parquet").column("embedding").to_pylist())
+    with torch.no_grad():
+        composite = model.item_embeddings().numpy()
+        id_rows = model.item_emb.weight[: len(codes)].numpy()
+    assert np.allclose(written, composite, atol=1e-6) and not np.allclose(written, id_rows, atol=1e-3)
+    # recorded runs (items as IDs) keep their hashes; a plain SASRec cannot read codes it does not load
+    plain = _config(run_dir, *reweighted)
+    assert sasrec.stage_config_hash(plain) == sasrec.stage_config_hash(
+        _config(run_dir, *reweighted, "sasrec.item_repr=id"))
+    assert sasrec.stage_config_hash(plain) != sasrec.stage_config_hash(cfg)
+    with pytest.raises(ConfigError, match="item_repr=id\\+sid"):
+        _config(run_dir, "sasrec.item_repr=id+sid")
+    with pytest.raises(ConfigError, match="item_repr"):
+        _config(run_dir, *reweighted, "sasrec.item_repr=sid")
+
+
 def test_cli_trains_a_reweighted_sasrec(built, tmp_path, capsys):
     run_dir = _copy(built, tmp_path)
     config = REPO / "configs" / "tiny.yaml"
