@@ -23,9 +23,8 @@ stage killed mid-training resumes from its last epoch when run again with the sa
 (``force`` starts over). They are deleted once the outputs are written.
 
 BBQRec variants (``sasrec.reweight=sid``, ``sasrec.contrastive_weight``, ``sasrec.contrastive_target``,
-``sasrec.item_repr``) run
-through the same stage: the attention is reweighted by the SID similarity of the items
-(:class:`sidforge.models.sasrec.SIDSimilarityBias`), reading the ``codes`` column of a tokenizer's
+``sasrec.item_repr``) run through the same stage: the attention is reweighted by the SID similarity of the
+items (:class:`sidforge.models.sasrec.SIDSimilarityBias`), reading the ``codes`` column of a tokenizer's
 ``sids.parquet`` (the semantic levels; the collision digit is an arbitrary rank, so equal digits say nothing
 about two items). A variant with ``sasrec.name`` writes ``RUN/sasrec-<name>/`` (a reweighted one without a
 name ``RUN/sasrec-sid/``), so ``RUN/sasrec``, the behavior embeddings the tokenizers read, stays the plain
@@ -429,7 +428,7 @@ def _write_outputs(out: Path, result: FitResult, data: Sequences, model_config: 
     if result.best_checkpoint is None:
         raise RuntimeError(f"sasrec: the best checkpoint (epoch {result.best_epoch}) is missing under {result.path}")
     state = load_state(result.best_checkpoint)["model"]
-    if model_config.get("item_repr", "id") == "id":
+    if model_config["item_repr"] == "id":
         emb = state["item_emb.weight"][: data.num_items].float().numpy()  # (num_items, H), pad row dropped
     else:  # the ID plus semantic-ID embeddings the model scores with
         model = SASRec(SASRecConfig(**model_config))
