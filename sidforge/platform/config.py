@@ -269,6 +269,10 @@ class SASRecTrainConfig:
         item_repr: how an item is represented in the input, the output scores and the loss targets: ``id``
             (its ID embedding) or ``id+sid`` (its ID embedding plus the sum of its per-level code embeddings,
             so items that share codes share parameters; needs ``reweight=sid`` for the codes).
+        sid_weight_decay: AdamW weight decay of the per-level code embeddings only (``item_repr=id+sid`` or
+            ``contrastive_target=sid``), in place of ``weight_decay`` for that table. Each code row is shared
+            by many items and takes their gradients, so it fits faster than an item's ID row; this holds it
+            back on its own. ``None`` gives the table ``weight_decay`` like every other weight.
     """
 
     hidden: int = 64
@@ -303,6 +307,7 @@ class SASRecTrainConfig:
     contrastive_temperature: float = 0.1
     contrastive_target: Literal["item", "sid"] = "item"
     item_repr: Literal["id", "id+sid"] = "id"
+    sid_weight_decay: Union[float, None] = None
 
     @property
     def unseen_negatives(self) -> bool:
@@ -321,6 +326,9 @@ class SASRecTrainConfig:
             raise ConfigError(f"sasrec.dropout must be in [0, 1), got {self.dropout}")
         if self.lr <= 0 or self.weight_decay < 0:
             raise ConfigError("sasrec.lr must be > 0 and sasrec.weight_decay >= 0")
+        if self.sid_weight_decay is not None and self.sid_weight_decay < 0:
+            raise ConfigError(f"sasrec.sid_weight_decay must be >= 0 or null (= weight_decay), got "
+                              f"{self.sid_weight_decay}")
         if self.num_workers < 0 or self.cpus_per_worker <= 0:
             raise ConfigError("sasrec.num_workers must be >= 0 (0 = in-process) and sasrec.cpus_per_worker > 0")
         if self.max_failures < -1:
@@ -336,6 +344,9 @@ class SASRecTrainConfig:
         if self.item_repr == "id+sid" and self.reweight != "sid":
             raise ConfigError("sasrec.item_repr=id+sid reads the semantic IDs of sasrec.reweight=sid: set "
                               "reweight=sid (with --sids RUN/tokenize-<name>) or item_repr=id")
+        if self.sid_weight_decay is not None and self.item_repr == "id" and self.contrastive_target == "item":
+            raise ConfigError("sasrec.sid_weight_decay acts on the code embeddings of item_repr=id+sid or "
+                              "contrastive_target=sid; set one of them or leave sid_weight_decay null")
 
     @property
     def output_name(self) -> str:

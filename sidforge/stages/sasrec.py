@@ -147,6 +147,8 @@ def stage_config_hash(cfg: Config) -> str:
         unused.append("loss_average")
     if s.item_repr == "id":
         unused.append("item_repr")
+    if s.sid_weight_decay is None:
+        unused.append("sid_weight_decay")
     section = {k: v for k, v in dataclasses.asdict(s).items() if k not in unused}
     payload = json.dumps({"sasrec": section, "seed": cfg.seed}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
@@ -297,11 +299,21 @@ def loop_config(cfg: Config, data: Sequences, codes: np.ndarray | None = None) -
                          sid_codebook_size=int(codes.max()) + 1 if codes is not None and (
                              s.contrastive_target == "sid" or s.item_repr == "id+sid") else 0)
     return {"model": dataclasses.asdict(model), "lr": s.lr, "weight_decay": s.weight_decay,
-            "batch_size": s.batch_size, "loss_average": s.loss_average, "epochs": s.epochs,
+            "sid_weight_decay": s.sid_weight_decay, "batch_size": s.batch_size, "loss_average": s.loss_average, "epochs": s.epochs,
             "eval_every": s.eval_every,
             "unseen_negatives": s.unseen_negatives,
             "exclude_history": s.exclude_history, "seed": cfg.seed if s.seed is None else s.seed, "data": data,
             "sid_codes": codes}
+
+
+def _param_groups(model: SASRec, config: dict[str, Any]) -> Any:
+    """The model's parameters for AdamW; with ``sid_weight_decay`` set, the code table in its own group."""
+    decay = config["sid_weight_decay"]
+    if decay is None:
+        return model.parameters()
+    table = model.sid_code_emb.weight  # the config check guarantees the table exists
+    return [{"params": [p for p in model.parameters() if p is not table]},
+            {"params": [table], "weight_decay": decay}]
 
 
 def train_sasrec(ctx: WorkerContext, config: dict[str, Any]) -> dict[str, Any]:
@@ -314,7 +326,7 @@ def train_sasrec(ctx: WorkerContext, config: dict[str, Any]) -> dict[str, Any]:
         model.load_state_dict(state["model"])
     step = ctx.prepare_model(model, method="loss")
     # After prepare_model: loading optimizer state casts it to the parameters' (final) device.
-    opt = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+    opt = torch.optim.AdamW(_param_groups(model, config), lr=config["lr"], weight_decay=config["weight_decay"])
     if state is not None:
         opt.load_state_dict(state["opt"])
     for epoch in ctx.epochs(config["epochs"]):

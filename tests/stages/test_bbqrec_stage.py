@@ -218,6 +218,34 @@ def test_items_can_be_id_plus_sid_embeddings_which_the_outputs_hold_and_the_hash
         _config(run_dir, *reweighted, "sasrec.item_repr=sid")
 
 
+def test_the_code_table_can_have_its_own_weight_decay_which_touches_nothing_else(built, tmp_path):
+    run_dir = _copy(built, tmp_path)
+    reweighted = ("sasrec.reweight=sid", "sasrec.item_repr=id+sid", "sasrec.lr=0.01")
+    cfg = _config(run_dir, *reweighted, "sasrec.sid_weight_decay=5")
+    codes = np.array(pq.read_table(run_dir / "tokenize-bbq" / "sids.parquet").column("codes").to_pylist())
+    config = sasrec.loop_config(cfg, sasrec.load_sequences(run_dir / "prepare", cfg.sasrec.max_len), codes)
+    model = SASRec(SASRecConfig(**config["model"]), torch.from_numpy(codes))
+    opt = torch.optim.AdamW(sasrec._param_groups(model, config), lr=cfg.sasrec.lr, weight_decay=0.0)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)  # no gradient: a step only applies the decoupled decay
+    opt.step()
+    for name, p in model.named_parameters():
+        factor = 1 - 0.01 * 5 if name == "sid_code_emb.weight" else 1.0
+        assert torch.allclose(p.detach(), before[name] * factor), name
+    # unset, the table shares weight_decay (one group) and the hash of every recorded run stays
+    plain = _config(run_dir, *reweighted)
+    assert len(list(sasrec._param_groups(model, sasrec.loop_config(plain, sasrec.load_sequences(
+        run_dir / "prepare", plain.sasrec.max_len), codes)))) == len(before)
+    assert sasrec.stage_config_hash(plain) != sasrec.stage_config_hash(cfg)
+    assert sasrec.stage_config_hash(plain) == sasrec.stage_config_hash(
+        _config(run_dir, "sasrec.reweight=sid", "sasrec.item_repr=id+sid", "sasrec.lr=0.01"))
+    with pytest.raises(ConfigError, match="sid_weight_decay"):
+        _config(run_dir, "sasrec.reweight=sid", "sasrec.sid_weight_decay=1")  # no code table to decay
+    with pytest.raises(ConfigError, match="sid_weight_decay must be >= 0"):
+        _config(run_dir, *reweighted, "sasrec.sid_weight_decay=-1")
+
+
 def test_cli_trains_a_reweighted_sasrec(built, tmp_path, capsys):
     run_dir = _copy(built, tmp_path)
     config = REPO / "configs" / "tiny.yaml"
