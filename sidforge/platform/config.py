@@ -272,7 +272,8 @@ class SASRecTrainConfig:
         sid_weight_decay: AdamW weight decay of the per-level code embeddings only (``item_repr=id+sid`` or
             ``contrastive_target=sid``), in place of ``weight_decay`` for that table. Each code row is shared
             by many items and takes their gradients, so it fits faster than an item's ID row; this holds it
-            back on its own. ``None`` gives the table ``weight_decay`` like every other weight.
+            back on its own. ``None`` gives the table ``weight_decay`` like every other weight. Ignored (and
+            left out of the stage hash) by a model without the table, like ``negatives`` by ``ce``.
     """
 
     hidden: int = 64
@@ -344,9 +345,6 @@ class SASRecTrainConfig:
         if self.item_repr == "id+sid" and self.reweight != "sid":
             raise ConfigError("sasrec.item_repr=id+sid reads the semantic IDs of sasrec.reweight=sid: set "
                               "reweight=sid (with --sids RUN/tokenize-<name>) or item_repr=id")
-        if self.sid_weight_decay is not None and self.item_repr == "id" and self.contrastive_target == "item":
-            raise ConfigError("sasrec.sid_weight_decay acts on the code embeddings of item_repr=id+sid or "
-                              "contrastive_target=sid; set one of them or leave sid_weight_decay null")
 
     @property
     def output_name(self) -> str:

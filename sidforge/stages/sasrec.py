@@ -54,7 +54,7 @@ from sidforge.platform.artifacts import (
     prepare_fingerprints,
     sids_fingerprints,
 )
-from sidforge.platform.config import Config
+from sidforge.platform.config import Config, SASRecTrainConfig
 from sidforge.platform.metrics import metrics_from_ranks, target_ranks
 from sidforge.platform.schemas import DataError
 from sidforge.platform.training import (
@@ -147,11 +147,16 @@ def stage_config_hash(cfg: Config) -> str:
         unused.append("loss_average")
     if s.item_repr == "id":
         unused.append("item_repr")
-    if s.sid_weight_decay is None:
+    if s.sid_weight_decay is None or not _has_code_table(s):
         unused.append("sid_weight_decay")
     section = {k: v for k, v in dataclasses.asdict(s).items() if k not in unused}
     payload = json.dumps({"sasrec": section, "seed": cfg.seed}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _has_code_table(s: SASRecTrainConfig) -> bool:
+    """The model learns per-level code embeddings (items as ID + SID, or the SID-target sequence loss)."""
+    return s.item_repr == "id+sid" or (s.contrastive_target == "sid" and s.contrastive_weight > 0)
 
 
 def _sids_folder(cfg: Config, sids: str | Path | None) -> Path | None:
@@ -309,9 +314,9 @@ def loop_config(cfg: Config, data: Sequences, codes: np.ndarray | None = None) -
 def _param_groups(model: SASRec, config: dict[str, Any]) -> Any:
     """The model's parameters for AdamW; with ``sid_weight_decay`` set, the code table in its own group."""
     decay = config["sid_weight_decay"]
-    if decay is None:
+    if decay is None or model.sid_code_emb is None:
         return model.parameters()
-    table = model.sid_code_emb.weight  # the config check guarantees the table exists
+    table = model.sid_code_emb.weight
     return [{"params": [p for p in model.parameters() if p is not table]},
             {"params": [table], "weight_decay": decay}]
 

@@ -240,8 +240,12 @@ def test_the_code_table_can_have_its_own_weight_decay_which_touches_nothing_else
     assert sasrec.stage_config_hash(plain) != sasrec.stage_config_hash(cfg)
     assert sasrec.stage_config_hash(plain) == sasrec.stage_config_hash(
         _config(run_dir, "sasrec.reweight=sid", "sasrec.item_repr=id+sid", "sasrec.lr=0.01"))
-    with pytest.raises(ConfigError, match="sid_weight_decay"):
-        _config(run_dir, "sasrec.reweight=sid", "sasrec.sid_weight_decay=1")  # no code table to decay
+    # a model without the code table ignores it, so one --set can reach every stage of a run
+    no_table = ("sasrec.reweight=sid", "sasrec.contrastive_weight=0", "sasrec.contrastive_target=sid")
+    assert sasrec.stage_config_hash(_config(run_dir)) == sasrec.stage_config_hash(
+        _config(run_dir, "sasrec.sid_weight_decay=1"))
+    assert sasrec.stage_config_hash(_config(run_dir, *no_table)) == sasrec.stage_config_hash(
+        _config(run_dir, *no_table, "sasrec.sid_weight_decay=1"))
     with pytest.raises(ConfigError, match="sid_weight_decay must be >= 0"):
         _config(run_dir, *reweighted, "sasrec.sid_weight_decay=-1")
 
