@@ -304,8 +304,8 @@ def loop_config(cfg: Config, data: Sequences, codes: np.ndarray | None = None) -
                          sid_codebook_size=int(codes.max()) + 1 if codes is not None and (
                              s.contrastive_target == "sid" or s.item_repr == "id+sid") else 0)
     return {"model": dataclasses.asdict(model), "lr": s.lr, "weight_decay": s.weight_decay,
-            "sid_weight_decay": s.sid_weight_decay, "batch_size": s.batch_size, "loss_average": s.loss_average, "epochs": s.epochs,
-            "eval_every": s.eval_every,
+            "sid_weight_decay": s.sid_weight_decay, "batch_size": s.batch_size, "loss_average": s.loss_average,
+            "epochs": s.epochs, "eval_every": s.eval_every,
             "unseen_negatives": s.unseen_negatives,
             "exclude_history": s.exclude_history, "seed": cfg.seed if s.seed is None else s.seed, "data": data,
             "sid_codes": codes}
