@@ -223,7 +223,8 @@ def test_the_code_table_can_have_its_own_weight_decay_which_touches_nothing_else
     reweighted = ("sasrec.reweight=sid", "sasrec.item_repr=id+sid", "sasrec.lr=0.01")
     cfg = _config(run_dir, *reweighted, "sasrec.sid_weight_decay=5")
     codes = np.array(pq.read_table(run_dir / "tokenize-bbq" / "sids.parquet").column("codes").to_pylist())
-    config = sasrec.loop_config(cfg, sasrec.load_sequences(run_dir / "prepare", cfg.sasrec.max_len), codes)
+    data = sasrec.load_sequences(run_dir / "prepare", cfg.sasrec.max_len)
+    config = sasrec.loop_config(cfg, data, codes)
     model = SASRec(SASRecConfig(**config["model"]), torch.from_numpy(codes))
     opt = torch.optim.AdamW(sasrec._param_groups(model, config), lr=cfg.sasrec.lr, weight_decay=0.0)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
@@ -235,8 +236,7 @@ def test_the_code_table_can_have_its_own_weight_decay_which_touches_nothing_else
         assert torch.allclose(p.detach(), before[name] * factor), name
     # unset, the table shares weight_decay (one group) and the hash of every recorded run stays
     plain = _config(run_dir, *reweighted)
-    assert len(list(sasrec._param_groups(model, sasrec.loop_config(plain, sasrec.load_sequences(
-        run_dir / "prepare", plain.sasrec.max_len), codes)))) == len(before)
+    assert len(list(sasrec._param_groups(model, sasrec.loop_config(plain, data, codes)))) == len(before)
     assert sasrec.stage_config_hash(plain) != sasrec.stage_config_hash(cfg)
     assert sasrec.stage_config_hash(plain) == sasrec.stage_config_hash(
         _config(run_dir, "sasrec.reweight=sid", "sasrec.item_repr=id+sid", "sasrec.lr=0.01"))
