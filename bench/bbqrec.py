@@ -29,8 +29,9 @@ stopped. ``--reuse DIR`` (repeatable; ``{seed}`` is replaced) copies finished st
 manifest entries from other run directories into a fresh one (the first DIR holding a stage wins), e.g.
 the SASRec-CE runs of bench/sasrec.py; the stages then check them like their own (a stale copy is simply
 recomputed). Later seeds take ``embed`` (and, failing ``--reuse``, ``prepare``) from the first seed's
-directory the same way. Results (per run, and
-mean ± std over seeds) go to bench/results/bbqrec.json under the config's name.
+directory the same way. Results (per run, mean ± std over seeds, and each variant's paired difference
+from SASRec-CE over the same users with a bootstrap interval, when the runs wrote ``ranks.parquet``) go
+to bench/results/bbqrec.json under the config's name.
 """
 
 from __future__ import annotations
@@ -160,7 +161,7 @@ def run_seed(args: argparse.Namespace, seed: int, chosen: list[str]) -> tuple[li
 
 def _row(name: str, seed: int, res: Any, wall: float) -> dict:
     m = res.metrics
-    return {"variant": name, "seed": seed, "wall_s": round(wall, 1), "skipped": res.skipped,
+    return {"variant": name, "seed": seed, "dir": str(res.out_dir), "wall_s": round(wall, 1), "skipped": res.skipped,
             "best_epoch": m.get("best_epoch"), "epochs_run": m.get("epochs_run"),
             "reweight_weights": m.get("reweight_weights"), "test": m["test"], "valid": m["valid"]}
 
@@ -176,6 +177,17 @@ def summarise(rows: list[dict]) -> dict[str, dict]:
         rs = [r for r in rows if r["variant"] == name]
         out[name] = {"seeds": [r["seed"] for r in rs], **{k: _mean_std([r["test"].get(k, np.nan) for r in rs])
                                                             for k in KEYS}}
+    return out
+
+
+def paired(rows: list[dict], metrics: tuple[str, ...] = ("ndcg@10", "recall@20")) -> dict[str, list[dict]]:
+    """Every variant against SASRec-CE of the same seeds, case by case (``sidforge compare``)."""
+    base = {r["seed"]: r["dir"] for r in rows if r["variant"] == "sasrec-ce"}
+    out = {}
+    for name in dict.fromkeys(r["variant"] for r in rows if r["variant"] != "sasrec-ce"):
+        pairs = [(base[r["seed"]], r["dir"]) for r in rows if r["variant"] == name and r["seed"] in base]
+        if pairs and all((Path(d) / "ranks.parquet").is_file() for pair in pairs for d in pair):
+            out[name] = sasrec.compare_case_ranks([b for b, _ in pairs], [o for _, o in pairs], metrics)
     return out
 
 
@@ -242,7 +254,8 @@ def main() -> None:
         results[name] = {"config": args.config, "overrides": args.overrides, "seq_cl": args.seq_cl,
                          "seq_cl_target": args.seq_cl_target, "item_repr": args.item_repr,
                          "machine": f"{platform.node()} {platform.machine()}", "runs": rows,
-                         "summary": summarise(rows), "tokenizers": {str(s): q for s, q in quality.items()}}
+                         "summary": summarise(rows), "paired": paired(rows),
+                         "tokenizers": {str(s): q for s, q in quality.items()}}
         out.write_text(json.dumps(results, indent=2, default=str))
     print(format_table(*quality_table(quality)))
     if rows:
@@ -250,6 +263,13 @@ def main() -> None:
         table = [(v, *(f"{e[k]['mean']:.4f}±{e[k]['std']:.4f}" for k in KEYS), str(len(e["seeds"])))
                  for v, e in summarise(rows).items()]
         print(format_table(table, ("variant", *KEYS, "seeds")))
+        lines = [(v, r["split"], r["metric"], f"{r['diff']:+.4f}", f"[{r['low']:+.4f}, {r['high']:+.4f}]",
+                  f"{r['share_not_above']:.3f}", " ".join(f"{d:+.4f}" for d in r["run_diffs"]))
+                 for v, rs in paired(rows).items() for r in rs]
+        if lines:
+            print()
+            print(format_table(lines, ("variant - sasrec-ce", "split", "metric", "paired diff", "95% interval over users",
+                                       "P(diff <= 0)", "per seed")))
 
 
 if __name__ == "__main__":

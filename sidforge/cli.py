@@ -9,6 +9,7 @@
     sidforge train align --config configs/amazon-beauty-savior.yaml
     sidforge train ranker --config configs/amazon-beauty-savior.yaml --sids runs/amazon-beauty-savior/tokenize-aligned
     sidforge evaluate --model runs/amazon-beauty/generative-rqvae
+    sidforge compare --base runs/amazon-beauty/sasrec --other runs/amazon-beauty/sasrec-sid
     sidforge serve runs/amazon-beauty-savior --config configs/amazon-beauty-savior.yaml --set serve.ranker=ranker-full-s0
     sidforge data list | sidforge data pull amazon-beauty-2014
 
@@ -93,6 +94,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--out", help="several runs: folder for comparison.md (default: runs/comparison)")
     p.add_argument("--dataset", help="published figures to show (default: the one the pipeline recorded)")
+
+    p = sub.add_parser("compare", help="two SASRec models case by case on the same users: paired difference with "
+                       "a bootstrap interval (pair seeds by position: --base A0 A1 --other B0 B1)")
+    p.add_argument("--base", nargs="+", required=True, metavar="STAGE_DIR", help="e.g. runs/x-seed0/sasrec")
+    p.add_argument("--other", nargs="+", required=True, metavar="STAGE_DIR", help="e.g. runs/x-seed0/sasrec-sid")
+    p.add_argument("--metric", action="append", default=None, help="recall@K or ndcg@K (repeatable; default "
+                   "ndcg@10 and recall@10)")
+    p.add_argument("--boot", type=int, default=2000, help="bootstrap resamples of the cases")
+    p.add_argument("--seed", type=int, default=0, help="seed of the resampling")
+    p.add_argument("--json", help="also write the rows to this JSON file")
 
     p = sub.add_parser("config", help="print the resolved config as YAML")
     _add_common(p)
@@ -361,6 +372,29 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from sidforge.stages.sasrec import compare_case_ranks
+
+    try:
+        rows = compare_case_ranks(args.base, args.other, args.metric or ["ndcg@10", "recall@10"], args.boot,
+                                  args.seed)
+    except ValueError as e:  # a malformed --metric or --boot
+        raise ConfigError(f"compare: {e}") from e
+    table = [(r["split"], r["metric"], f"{r['base']:.4f}", f"{r['other']:.4f}", f"{r['diff']:+.4f}",
+              f"[{r['low']:+.4f}, {r['high']:+.4f}]", f"{r['share_not_above']:.3f}",
+              " ".join(f"{d:+.4f}" for d in r["run_diffs"]), str(r["cases"])) for r in rows]
+    print(format_table(table, ("split", "metric", "base", "other", "other - base", "95% interval",
+                               "P(other <= base)", "per seed", "cases")))
+    if not rows[0]["joint"]:
+        print("(the pairs rank different case sets: each pair's cases were resampled on their own)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"base": args.base, "other": args.other, "rows": rows}, indent=2))
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from sidforge.platform.config import dump_config
 
@@ -398,7 +432,7 @@ def format_table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str
 
 COMMANDS = {"prepare": cmd_prepare, "embed": cmd_embed, "train": cmd_train, "tokenize": cmd_tokenize,
             "evaluate": cmd_evaluate, "tune": cmd_tune, "config": cmd_config, "data": cmd_data, "serve": cmd_serve,
-            "pipeline": cmd_pipeline, "report": cmd_report}
+            "pipeline": cmd_pipeline, "report": cmd_report, "compare": cmd_compare}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

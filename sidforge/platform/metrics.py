@@ -6,7 +6,8 @@ trials, benchmarks) decide where numbers go.
 - **Retrieval** (leave-one-out, full catalogue, no sampled negatives): :func:`target_ranks` scores
   cases chunk by chunk and keeps only the target's rank, so memory is bounded by
   ``chunk_size * n_items`` scores; :func:`metrics_from_ranks` turns ranks into Recall@K / NDCG@K,
-  overall and per group; :func:`retrieval_metrics` does both.
+  overall and per group; :func:`retrieval_metrics` does both. :func:`paired_difference` compares two
+  models case by case (the same users and targets) with a bootstrap interval over the cases.
 - **Ranking**: :func:`auc` (Mann–Whitney, ties count one half), :func:`gauc` (per-user AUC
   weighted by impressions), :func:`logloss`, and :func:`ranking_metrics` for all three per group.
 - **Encoders**: :func:`i2i_hit_at_k` over held-out co-click pairs with an exact faiss index.
@@ -36,11 +37,14 @@ __all__ = [
     "TAIL",
     "TORSO",
     "GaucResult",
+    "PairedDifference",
     "auc",
     "gauc",
     "i2i_hit_at_k",
     "logloss",
+    "case_gains",
     "metrics_from_ranks",
+    "paired_difference",
     "popularity_buckets",
     "ranking_metrics",
     "retrieval_metrics",
@@ -133,6 +137,98 @@ def metrics_from_ranks(
         for g in np.unique(labels):
             result.update(summarise(r[labels == g], f"/{g}"))
     return result
+
+
+def case_gains(ranks: ArrayLike, metric: str) -> np.ndarray:
+    """(n_cases,) per-case value of ``recall@K`` (hit) or ``ndcg@K`` whose mean :func:`metrics_from_ranks` reports."""
+    r = _as_1d(ranks, "ranks")
+    kind, _, k = metric.partition("@")
+    if kind not in ("recall", "ndcg") or not k.isdigit() or int(k) < 1:
+        raise ValueError(f"metric must be recall@K or ndcg@K with K >= 1, got {metric!r}")
+    hit = r < int(k)
+    if kind == "recall":
+        return hit.astype(np.float64)
+    return np.where(hit, 1.0 / np.log2(r.astype(np.float64) + 2.0), 0.0)
+
+
+class PairedDifference(NamedTuple):
+    """``other`` minus ``base`` on the same cases, with a bootstrap interval over the cases.
+
+    ``base`` / ``other`` / ``diff`` average over the runs; ``low`` / ``high`` bound ``diff`` (percentile
+    interval at the requested level); ``share_not_above`` is the share of bootstrap resamples where
+    ``other`` does not beat ``base`` (a one-sided bootstrap p-value for "other is better");
+    ``run_diffs`` is each run's own difference (their spread is the seed-to-seed variation, which the
+    interval does not contain).
+    """
+
+    metric: str
+    base: float
+    other: float
+    diff: float
+    low: float
+    high: float
+    share_not_above: float
+    cases: int
+    run_diffs: tuple[float, ...]
+
+
+def paired_difference(
+    base: Sequence[ArrayLike],
+    other: Sequence[ArrayLike],
+    metric: str = "ndcg@10",
+    *,
+    joint: bool = True,
+    n_boot: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> PairedDifference:
+    """How much ``other`` beats ``base`` on ``metric``, paired case by case, with a bootstrap interval.
+
+    Run ``r`` of ``base`` and of ``other`` must rank the same cases in the same order (e.g. two models of
+    one seed on one prepare). The difference is the mean over runs of each run's difference. Its interval
+    resamples cases with replacement: with ``joint`` every run shares the case set (the same users across
+    seeds), so one resample of case indices serves all runs and the users' correlation across seeds is
+    kept; otherwise each run's cases are resampled on their own. The interval says how far the
+    difference could move on another sample of users for these trained models; it does not include the
+    variation from training seeds (``run_diffs`` shows that).
+
+    Args:
+        base, other: one (n_cases,) array of 0-based target ranks per run.
+        metric: ``recall@K`` or ``ndcg@K``.
+        joint: the runs share one case set (equal lengths required).
+        n_boot: bootstrap resamples (>= 100).
+        level: two-sided interval level in (0, 1).
+        seed: seed of the resampling.
+    """
+    if len(base) == 0 or len(base) != len(other):
+        raise ValueError(f"base and other need the same number of runs (>= 1), got {len(base)} and {len(other)}")
+    if n_boot < 100 or not 0.0 < level < 1.0:
+        raise ValueError(f"n_boot must be >= 100 and level in (0, 1), got {n_boot} and {level}")
+    diffs, bases, others = [], [], []
+    for i, (b, o) in enumerate(zip(base, other)):
+        gb, go = case_gains(b, metric), case_gains(o, metric)
+        if gb.size == 0 or gb.size != go.size:
+            raise ValueError(f"run {i}: base and other must rank the same non-empty cases, got {gb.size} and "
+                             f"{go.size} cases")
+        diffs.append(go - gb)
+        bases.append(gb.mean())
+        others.append(go.mean())
+    if joint and len({d.size for d in diffs}) != 1:
+        raise ValueError("joint=True needs every run to rank the same cases; pass joint=False for runs on "
+                         f"different case sets (sizes {sorted({d.size for d in diffs})})")
+    rng = np.random.default_rng(seed)
+    boot = np.zeros(n_boot)
+    pooled = [np.mean(diffs, axis=0)] if joint else diffs
+    for d in pooled:  # the statistic is the mean over runs, so each independent part adds its share
+        n = d.size
+        for start in range(0, n_boot, 64):  # bounded memory: 64 resamples x n cases at a time
+            idx = rng.integers(0, n, size=(min(64, n_boot - start), n))
+            boot[start : start + len(idx)] += d[idx].mean(axis=1) * (1.0 if joint else 1.0 / len(diffs))
+    alpha = (1.0 - level) / 2.0
+    low, high = np.quantile(boot, [alpha, 1.0 - alpha])
+    run_diffs = tuple(float(d.mean()) for d in diffs)
+    return PairedDifference(metric, float(np.mean(bases)), float(np.mean(others)), float(np.mean(run_diffs)),
+                            float(low), float(high), float(np.mean(boot <= 0.0)), int(diffs[0].size), run_diffs)
 
 
 def _exclusion_pairs(

@@ -6,7 +6,10 @@ Reads ``RUN/prepare/`` (interactions, item_stats) and writes ``RUN/sasrec/``:
   L2 norm, from the best epoch (by valid NDCG@10);
 - ``model.pt``: ``{"config": SASRecConfig fields, "state_dict": ...}`` of that epoch;
 - ``metrics.json``: best epoch, per-epoch history, and full-catalogue valid and test Recall/NDCG@K,
-  overall and per popularity bucket (head/torso/tail/cold) of the target item.
+  overall and per popularity bucket (head/torso/tail/cold) of the target item;
+- ``ranks.parquet``: split, user_id, item_id (the target) and the 0-based rank of the target for every
+  valid and test case, so two runs on the same prepare can be compared case by case
+  (``sidforge compare``, :func:`sidforge.platform.metrics.paired_difference`).
 
 Protocol (leave-one-out, one harness: :func:`sidforge.platform.metrics.retrieval_metrics`): training
 uses each user's ``train`` part with a next-item target at every position (the most recent
@@ -38,12 +41,14 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
@@ -55,7 +60,7 @@ from sidforge.platform.artifacts import (
     sids_fingerprints,
 )
 from sidforge.platform.config import Config, SASRecTrainConfig
-from sidforge.platform.metrics import metrics_from_ranks, target_ranks
+from sidforge.platform.metrics import metrics_from_ranks, paired_difference, target_ranks
 from sidforge.platform.schemas import DataError
 from sidforge.platform.training import (
     FitResult,
@@ -73,6 +78,7 @@ log = logging.getLogger(__name__)
 STAGE = "sasrec"
 MONITOR = "valid/ndcg@10"
 ITEM_EMBEDDINGS = pa.schema([("item_id", pa.int64()), ("embedding", pa.list_(pa.float32())), ("norm", pa.float32())])
+CASE_RANKS = pa.schema([("split", pa.string()), ("user_id", pa.int64()), ("item_id", pa.int64()), ("rank", pa.int64())])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -194,6 +200,7 @@ class Sequences:
         valid_hist, test_hist: (V, max_len) / (T, max_len) int64 histories.
         valid_target, test_target: (V,) / (T,) int64 target items.
         bucket: (num_items,) popularity bucket of each item (for per-bucket metrics).
+        valid_user, test_user: (V,) / (T,) int64 user of each case (``ranks.parquet`` pairs runs by user).
     """
 
     num_items: int
@@ -204,6 +211,8 @@ class Sequences:
     test_hist: np.ndarray
     test_target: np.ndarray
     bucket: np.ndarray
+    valid_user: np.ndarray
+    test_user: np.ndarray
 
 
 def _last_items(user: np.ndarray, item: np.ndarray, num_users: int, length: int, pad: int) -> np.ndarray:
@@ -244,15 +253,15 @@ def build_sequences(interactions: pa.Table, bucket: np.ndarray, max_len: int) ->
     targets[inputs == pad] = pad  # the first item of a sequence has nothing before it
     has_target = (targets != pad).any(axis=1)
 
-    def cases(name: str, hist_splits: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    def cases(name: str, hist_splits: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         rows = df[split == name]
         users, target = rows["user_id"].to_numpy(), rows["item_id"].to_numpy()
-        return last(np.isin(split, hist_splits), max_len)[users], target
+        return last(np.isin(split, hist_splits), max_len)[users], target, users
 
-    valid_hist, valid_target = cases("valid", ("train",))
-    test_hist, test_target = cases("test", ("train", "valid"))
+    valid_hist, valid_target, valid_user = cases("valid", ("train",))
+    test_hist, test_target, test_user = cases("test", ("train", "valid"))
     return Sequences(num_items, inputs[has_target], targets[has_target], valid_hist, valid_target, test_hist,
-                     test_target, np.asarray(bucket).astype(str))
+                     test_target, np.asarray(bucket).astype(str), valid_user, test_user)
 
 
 def load_codes(sids: Path, num_items: int) -> np.ndarray:
@@ -348,9 +357,12 @@ def train_sasrec(ctx: WorkerContext, config: dict[str, Any]) -> dict[str, Any]:
         raise RuntimeError("sasrec: no checkpoint to evaluate; sasrec.epochs must be >= 1")
     model.load_state_dict(best["model"])
     ex = config["exclude_history"]
+    valid_ranks = case_ranks(ctx, model, data.valid_hist, data.valid_target, ex)
+    test_ranks = case_ranks(ctx, model, data.test_hist, data.test_target, ex)
     return {
-        "valid": evaluate(ctx, model, data.valid_hist, data.valid_target, ex, data.bucket[data.valid_target]),
-        "test": evaluate(ctx, model, data.test_hist, data.test_target, ex, data.bucket[data.test_target]),
+        "valid": metrics_from_ranks(valid_ranks, groups=data.bucket[data.valid_target]),
+        "test": metrics_from_ranks(test_ranks, groups=data.bucket[data.test_target]),
+        "valid_ranks": valid_ranks, "test_ranks": test_ranks,  # per case, for paired comparisons of runs
         # the other candidate protocol, reported beside (never used for selection)
         "test_other_protocol": evaluate(ctx, model, data.test_hist, data.test_target, not ex,
                                         data.bucket[data.test_target]),
@@ -414,7 +426,13 @@ def _train_epoch(ctx: WorkerContext, step: torch.nn.Module, opt: torch.optim.Opt
 
 def evaluate(ctx: WorkerContext, model: SASRec, hist: np.ndarray, target: np.ndarray, exclude_history: bool,
              groups: np.ndarray | None = None, chunk_size: int = 512) -> dict[str, float]:
-    """Full-catalogue Recall/NDCG@K; cases are split across ranks and their ranks gathered."""
+    """Full-catalogue Recall/NDCG@K of :func:`case_ranks`."""
+    return metrics_from_ranks(case_ranks(ctx, model, hist, target, exclude_history, chunk_size), groups=groups)
+
+
+def case_ranks(ctx: WorkerContext, model: SASRec, hist: np.ndarray, target: np.ndarray, exclude_history: bool,
+               chunk_size: int = 512) -> np.ndarray:
+    """(cases,) 0-based full-catalogue rank of each target; cases are split across workers and gathered."""
     mine = ctx.shard(len(target), even=False)
     pad = model.config.pad_id
 
@@ -432,11 +450,67 @@ def evaluate(ctx: WorkerContext, model: SASRec, hist: np.ndarray, target: np.nda
     all_ranks = np.empty(len(target), dtype=np.int64)
     for idx, r in gathered:
         all_ranks[idx] = r
-    return metrics_from_ranks(all_ranks, groups=groups)
+    return all_ranks
 
 
 # ----------------------------------------------------------------------------------------------
 # outputs
+
+
+def case_ranks_table(data: Sequences, valid_ranks: np.ndarray, test_ranks: np.ndarray) -> pa.Table:
+    """``ranks.parquet``: one row per valid and test case, the rank of its target under the stage's protocol."""
+    n_valid, n_test = len(data.valid_target), len(data.test_target)
+    return pa.table({"split": pa.array(["valid"] * n_valid + ["test"] * n_test, type=pa.string()),
+                     "user_id": np.concatenate([data.valid_user, data.test_user]).astype(np.int64),
+                     "item_id": np.concatenate([data.valid_target, data.test_target]).astype(np.int64),
+                     "rank": np.concatenate([valid_ranks, test_ranks]).astype(np.int64)},
+                    schema=CASE_RANKS)
+
+
+def read_case_ranks(folder: str | Path) -> pa.Table:
+    """``ranks.parquet`` of a SASRec stage folder (``RUN/sasrec``, ``RUN/sasrec-<name>``), checked."""
+    path = Path(folder) / "ranks.parquet"
+    if not path.is_file():
+        raise DataError(f"{path} is missing: compare needs the per-case ranks a SASRec stage writes; re-run "
+                        f"the stage that made {folder} (`sidforge train sasrec ... --force`)")
+    table = pq.read_table(path)
+    if not table.schema.equals(CASE_RANKS):
+        raise DataError(f"{path}: expected columns {CASE_RANKS.names} ({CASE_RANKS}), got {table.schema}")
+    return table
+
+
+def compare_case_ranks(base: Sequence[str | Path], other: Sequence[str | Path],
+                       metrics: Sequence[str] = ("ndcg@10", "recall@10"), n_boot: int = 2000,
+                       seed: int = 0) -> list[dict[str, Any]]:
+    """``other`` against ``base`` per split and metric, case by case (:func:`paired_difference`).
+
+    Folder ``i`` of ``base`` is paired with folder ``i`` of ``other`` (one seed each); a pair must hold the
+    same cases (split, user and target, in order): two models trained on one prepare. When every pair
+    holds the same cases the users are resampled jointly across the pairs.
+    """
+    if not base or len(base) != len(other):
+        raise DataError(f"compare pairs base and other folders by position: got {len(base)} base and "
+                        f"{len(other)} other folders")
+    keys = ["split", "user_id", "item_id"]
+    pairs = []
+    for b, o in zip(base, other):
+        tb, to = read_case_ranks(b), read_case_ranks(o)
+        if not tb.select(keys).equals(to.select(keys)):
+            raise DataError(f"{b} and {o} do not rank the same cases (split, user_id, item_id); compare two "
+                            "models trained on the same prepare")
+        pairs.append((tb, to))
+    first = pairs[0][0].select(keys)
+    joint = all(tb.select(keys).equals(first) for tb, _ in pairs)
+    out = []
+    def ranks(t: pa.Table, split: str) -> np.ndarray:
+        return t.filter(pc.equal(t["split"], split))["rank"].to_numpy()
+
+    for split in ("valid", "test"):
+        for metric in metrics:
+            d = paired_difference([ranks(tb, split) for tb, _ in pairs], [ranks(to, split) for _, to in pairs],
+                                  metric, joint=joint, n_boot=n_boot, seed=seed)
+            out.append({"split": split, "joint": joint, **d._asdict()})
+    return out
 
 
 def _write_outputs(out: Path, result: FitResult, data: Sequences, model_config: dict[str, Any],
@@ -457,6 +531,8 @@ def _write_outputs(out: Path, result: FitResult, data: Sequences, model_config: 
                       "embedding": pa.array(list(emb), type=pa.list_(pa.float32())), "norm": norm},
                      schema=ITEM_EMBEDDINGS)
     pq.write_table(table, out / "item_embeddings.parquet")
+    pq.write_table(case_ranks_table(data, result.value["valid_ranks"], result.value["test_ranks"]),
+                   out / "ranks.parquet")
     saved: dict[str, Any] = {"config": model_config, "state_dict": state}
     if sids is not None:
         saved["sids"] = str(sids)  # provenance only: the codes themselves are in the state (sid_codes)

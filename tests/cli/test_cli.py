@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -86,3 +87,40 @@ def test_override_keeps_text_templates_as_text(capsys):
     assert cli.main(["config", "-c", str(REPO / "configs/amazon-beauty.yaml"), "--set",
                      "embed.text_template={title}"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["embed"]["text_template"] == "{title}"
+
+
+def _ranks_folder(path: Path, users: list[int], ranks: list[int]) -> Path:
+    """A stage folder with a hand-written ranks.parquet: the same cases on valid and on test."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from sidforge.stages.sasrec import CASE_RANKS
+
+    path.mkdir(parents=True)
+    n = len(users)
+    pq.write_table(pa.table({"split": ["valid"] * n + ["test"] * n, "user_id": users * 2,
+                             "item_id": [u + 100 for u in users] * 2, "rank": ranks * 2}, schema=CASE_RANKS),
+                   path / "ranks.parquet")
+    return path
+
+
+def test_compare_prints_the_paired_difference_and_refuses_runs_on_other_cases(tmp_path, capsys):
+    users = list(range(200))
+    base = _ranks_folder(tmp_path / "base", users, [50] * 200)  # never in the top 10
+    other = _ranks_folder(tmp_path / "other", users, [0] * 50 + [50] * 150)  # a quarter of the users first
+    out_json = tmp_path / "cmp.json"
+    assert cli.main(["compare", "--base", str(base), "--other", str(other), "--metric", "recall@10",
+                     "--boot", "200", "--json", str(out_json)]) == 0
+    out = capsys.readouterr().out
+    assert "+0.2500" in out and "0.000" in out  # the difference, and P(other <= base)
+    rows = json.loads(out_json.read_text())["rows"]
+    assert [(r["split"], r["metric"], r["diff"]) for r in rows] == [("valid", "recall@10", 0.25),
+                                                                     ("test", "recall@10", 0.25)]
+
+    elsewhere = _ranks_folder(tmp_path / "elsewhere", [u + 1 for u in users], [0] * 200)
+    assert cli.main(["compare", "--base", str(base), "--other", str(elsewhere)]) == 2
+    assert "do not rank the same cases" in capsys.readouterr().err
+    assert cli.main(["compare", "--base", str(base), "--other", str(tmp_path)]) == 2
+    assert "ranks.parquet is missing" in capsys.readouterr().err
+    assert cli.main(["compare", "--base", str(base), "--other", str(other), "--metric", "mrr"]) == 2
+    assert "recall@K or ndcg@K" in capsys.readouterr().err

@@ -11,10 +11,12 @@ import torch
 from sidforge.platform.metrics import (
     GaucResult,
     auc,
+    case_gains,
     gauc,
     i2i_hit_at_k,
     logloss,
     metrics_from_ranks,
+    paired_difference,
     popularity_buckets,
     ranking_metrics,
     retrieval_metrics,
@@ -90,6 +92,65 @@ def test_metrics_from_ranks_values() -> None:
     assert m["ndcg@1"] == pytest.approx(0.25)
     assert m["ndcg@3"] == pytest.approx((0.5 + 0.5 + 1.0) / 4)
     assert m["ndcg@5"] == pytest.approx((0.5 + 0.5 + 1.0 + 1 / math.log2(6)) / 4)
+
+
+def test_case_gains_average_to_the_reported_metrics() -> None:
+    ranks = np.random.default_rng(0).integers(0, 40, size=500)
+    m = metrics_from_ranks(ranks, ks=(5, 10))
+    for metric in ("recall@5", "ndcg@5", "recall@10", "ndcg@10"):
+        assert case_gains(ranks, metric).mean() == pytest.approx(m[metric], abs=1e-12)
+    with pytest.raises(ValueError, match="recall@K or ndcg@K"):
+        case_gains(ranks, "mrr@10")
+
+
+def test_paired_difference_of_a_model_with_itself_is_exactly_zero() -> None:
+    ranks = np.random.default_rng(1).integers(0, 50, size=300)
+    d = paired_difference([ranks], [ranks.copy()], "ndcg@10", n_boot=200)
+    assert d.diff == 0.0 and d.low == 0.0 and d.high == 0.0 and d.share_not_above == 1.0
+    assert d.cases == 300 and d.run_diffs == (0.0,)
+
+
+def test_paired_difference_finds_a_planted_gain_and_its_interval_matches_the_standard_error() -> None:
+    rng = np.random.default_rng(2)
+    base = rng.integers(0, 30, size=4000)
+    other = base.copy()
+    better = rng.random(4000) < 0.2
+    other[better] = 0  # a fifth of the cases move to the top
+    d = paired_difference([base], [other], "ndcg@10", n_boot=2000, seed=3)
+    per_case = case_gains(other, "ndcg@10") - case_gains(base, "ndcg@10")
+    assert d.diff == pytest.approx(per_case.mean(), abs=1e-12)
+    assert d.base == pytest.approx(case_gains(base, "ndcg@10").mean()) and d.other > d.base
+    assert 0.0 < d.low < d.diff < d.high and d.share_not_above == 0.0
+    se = per_case.std(ddof=1) / np.sqrt(per_case.size)  # the normal approximation's 95 % half-width
+    assert (d.high - d.low) / 2 == pytest.approx(1.96 * se, rel=0.15)
+
+
+def test_joint_resampling_keeps_the_users_shared_across_seeds() -> None:
+    rng = np.random.default_rng(4)
+    base = rng.integers(0, 20, size=1000)
+    up = base.copy()
+    up[rng.random(1000) < 0.3] = 0  # some users move to the top
+    # seed 0's model gains exactly where seed 1's loses: per user the two seeds cancel
+    runs_base, runs_other = [base, up], [up, base.copy()]
+    joint = paired_difference(runs_base, runs_other, "recall@10", n_boot=500)
+    apart = paired_difference(runs_base, runs_other, "recall@10", joint=False, n_boot=500)
+    assert joint.run_diffs[0] == pytest.approx(-joint.run_diffs[1]) and joint.run_diffs[0] > 0.1
+    assert joint.diff == pytest.approx(0.0, abs=1e-12) == pytest.approx(apart.diff, abs=1e-12)
+    # jointly a resample draws the same users for both seeds, so it cancels too; apart, the noise adds up
+    assert joint.low == pytest.approx(0.0, abs=1e-12) and joint.high == pytest.approx(0.0, abs=1e-12)
+    assert apart.high - apart.low > 0.01
+
+
+def test_paired_difference_input_errors() -> None:
+    a = np.zeros(10, dtype=np.int64)
+    with pytest.raises(ValueError, match="same number of runs"):
+        paired_difference([a], [a, a])
+    with pytest.raises(ValueError, match="run 0: base and other must rank the same"):
+        paired_difference([a], [a[:5]])
+    with pytest.raises(ValueError, match="joint=True needs every run"):
+        paired_difference([a, a[:5]], [a, a[:5]])
+    with pytest.raises(ValueError, match="n_boot"):
+        paired_difference([a], [a], n_boot=10)
 
 
 def test_retrieval_metrics_equals_ranks_then_metrics() -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -57,6 +58,7 @@ def test_sequences_follow_the_leave_one_out_protocol():
     # test: train + valid prefix, truncated to the most recent max_len
     assert data.test_hist.tolist() == [[3, 5], [7, 2], [P, 1]]
     assert data.test_target.tolist() == [6, 0, 4]
+    assert data.valid_user.tolist() == data.test_user.tolist() == [0, 1, 2]  # the user of each case
 
 
 class _OneProcess:
@@ -146,6 +148,19 @@ def test_stage_trains_in_process_far_above_random_and_writes_its_outputs(prepare
     model = SASRec(SASRecConfig(**saved["config"]))
     model.load_state_dict(saved["state_dict"])
     np.testing.assert_allclose(model.item_embeddings().detach().numpy(), vectors)
+
+    # per-case ranks: they give back the reported metrics exactly, and pair runs user by user
+    ranks = sasrec.read_case_ranks(res.out_dir)
+    data = sasrec.load_sequences(run.stage_dir("prepare"), cfg.sasrec.max_len)
+    for split, users, targets in (("valid", data.valid_user, data.valid_target),
+                                  ("test", data.test_user, data.test_target)):
+        part = ranks.filter(pc.equal(ranks["split"], split))
+        assert part["user_id"].to_numpy().tolist() == users.tolist()
+        assert part["item_id"].to_numpy().tolist() == targets.tolist()
+        again_metrics = sasrec.metrics_from_ranks(part["rank"].to_numpy(), groups=data.bucket[targets])
+        assert again_metrics == pytest.approx(metrics[split])
+    same = sasrec.compare_case_ranks([res.out_dir], [res.out_dir], ["ndcg@10"], n_boot=100)
+    assert [(r["split"], r["diff"], r["low"], r["high"]) for r in same] == [("valid", 0, 0, 0), ("test", 0, 0, 0)]
 
     entry = run.read_manifest().stages["sasrec"]
     assert entry.metrics["best_epoch"] == metrics["best_epoch"] and entry.rows == res.rows
