@@ -10,19 +10,58 @@ difference, the test difference, and the gap between them (test minus valid). A 
 0 means valid and test disagree no more than another sample of users could make them; its width is what
 a model choice on valid can resolve. Also prints the correlation of the per-user valid and test
 differences (near 0: one user's valid case says little about their test case).
+
+``--windows`` also loads each folder's ``model.pt`` (and the run's ``prepare``) and scores two shifted
+cases per user, to locate a disagreement: the test target from the valid input (the train prefix, without
+the valid item) and the valid target from the train prefix without its last item. History items are
+kept among the candidates, as in the stage's default protocol.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow.compute as pc
+import torch
 
 from sidforge.cli import format_table
+from sidforge.models.sasrec import SASRec, SASRecConfig
 from sidforge.platform.metrics import case_gains
-from sidforge.stages.sasrec import read_case_ranks
+from sidforge.stages.sasrec import case_ranks, load_sequences, read_case_ranks
+
+
+class _OneProcess:
+    """The slice of the Ray Train worker context that ``case_ranks`` uses, for one process."""
+
+    rank, world_size, device = 0, 1, torch.device("cpu")
+
+    def shard(self, n: int, seed: int | None = None, even: bool = True) -> np.ndarray:
+        return np.arange(n)
+
+    def all_gather(self, obj: object) -> list[object]:
+        return [obj]
+
+
+def shifted_gains(folder: str, metric: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per-user gains of the saved model on the two shifted cases (users sorted), history kept."""
+    saved = torch.load(Path(folder) / "model.pt", weights_only=False)
+    cfg = SASRecConfig(**saved["config"])
+    model = SASRec(cfg)
+    model.load_state_dict(saved["state_dict"])  # the semantic IDs, if any, are a buffer of the state
+    data = load_sequences(Path(folder).parent / "prepare", cfg.max_len)
+    if not np.array_equal(data.valid_user, data.test_user):
+        raise SystemExit(f"{folder}: --windows needs every user to have one valid and one test case")
+    dropped = np.concatenate([np.full((len(data.valid_hist), 1), cfg.pad_id), data.valid_hist[:, :-1]], axis=1)
+    order = np.argsort(data.valid_user, kind="stable")
+    cases = {"test target, valid input": (data.valid_hist, data.test_target),
+             "valid target, last input item dropped": (dropped, data.valid_target)}
+    with torch.no_grad():
+        return {name: (data.valid_user[order],
+                       case_gains(case_ranks(_OneProcess(), model.eval(), hist, target, False), metric)[order])
+                for name, (hist, target) in cases.items()}
 
 
 def per_user(folder: str, split: str, metric: str) -> tuple[np.ndarray, np.ndarray]:
@@ -40,6 +79,7 @@ def main() -> None:
     ap.add_argument("--metric", default="ndcg@10")
     ap.add_argument("--boot", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--windows", action="store_true", help="also score the two shifted cases (loads the models)")
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args()
     if len(args.base) != len(args.other):
@@ -54,12 +94,24 @@ def main() -> None:
                 raise SystemExit(f"{b} / {o}: every folder must hold the same users on valid and on test")
             diffs[split].append(go - gb)
     assert users is not None
+    if args.windows:
+        torch.set_num_threads(1)
+        for b, o in zip(args.base, args.other):
+            gb, go = shifted_gains(b, args.metric), shifted_gains(o, args.metric)
+            for name in gb:
+                if not np.array_equal(gb[name][0], users):
+                    raise SystemExit(f"{b}: the saved model's prepare holds other users than ranks.parquet")
+                diffs.setdefault(name, []).append(go[name][1] - gb[name][1])
     dv, dt = np.mean(diffs["valid"], axis=0), np.mean(diffs["test"], axis=0)
     rng = np.random.default_rng(args.seed)
     idx = rng.integers(0, len(users), size=(args.boot, len(users)))
     boot = {"valid": dv[idx].mean(axis=1), "test": dt[idx].mean(axis=1)}
     boot["test - valid"] = boot["test"] - boot["valid"]
     point = {"valid": dv.mean(), "test": dt.mean(), "test - valid": dt.mean() - dv.mean()}
+    for name, d in diffs.items():
+        if name not in ("valid", "test"):
+            mean = np.mean(d, axis=0)
+            boot[name], point[name] = mean[idx].mean(axis=1), mean.mean()
     rows, out = [], {}
     for name, b in boot.items():
         low, high = np.quantile(b, [0.025, 0.975])
