@@ -307,3 +307,9 @@ def test_two_workers_match_one_worker(prepared, tiny_config, tmp_path, caplog):
         assert v["count"] == res.rows["valid_cases"]  # every valid case scored exactly once across the ranks
     assert abs(v1["ndcg@10"] - v2["ndcg@10"]) < 0.08, (v1["ndcg@10"], v2["ndcg@10"])
     assert abs(v1["recall@10"] - v2["recall@10"]) < 0.08, (v1["recall@10"], v2["recall@10"])
+    # the ranks gathered from the two workers cover every case once, in case order
+    ranks = sasrec.read_case_ranks(res_two.out_dir)
+    assert ranks.select(["split", "user_id", "item_id"]).equals(
+        sasrec.read_case_ranks(res_one.out_dir).select(["split", "user_id", "item_id"]))
+    valid_two = ranks.filter(pc.equal(ranks["split"], "valid"))["rank"].to_numpy()
+    assert sasrec.metrics_from_ranks(valid_two)["ndcg@10"] == pytest.approx(v2["ndcg@10"])
