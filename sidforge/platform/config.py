@@ -274,6 +274,12 @@ class SASRecTrainConfig:
             by many items and takes their gradients, so it fits faster than an item's ID row; this holds it
             back on its own. ``None`` gives the table ``weight_decay`` like every other weight. Ignored (and
             left out of the stage hash) by a model without the table, like ``negatives`` by ``ce``.
+        hold_out_last_train: leave each user's most recent train interaction out of the training
+            sequences; it stays in the valid and test histories. The test case's input ends with the valid
+            item, which the model never trained on; with this the valid case's input ends the same way
+            (with the held-out item), so model selection on valid sees the situation of test. It costs one
+            training target per user; a selection protocol for checking that a choice made on valid carries
+            to test, not a way to a better model.
     """
 
     hidden: int = 64
@@ -289,6 +295,7 @@ class SASRecTrainConfig:
     weight_decay: float = 0.0
     batch_size: int = 256
     loss_average: Literal["batch", "epoch"] = "batch"
+    hold_out_last_train: bool = False
     epochs: int = 200
     patience: int = 10
     eval_every: int = 1

@@ -102,7 +102,7 @@ def run(cfg: Config, run_dir: RunDir, sids: str | Path | None = None, force: boo
     inputs = _input_fingerprints(run_dir, sids)
     if not force and (cached := run_dir.cached(stage, config_hash, inputs)) is not None:
         return cached
-    data = load_sequences(run_dir.stage_dir("prepare"), cfg.sasrec.max_len)
+    data = load_sequences(run_dir.stage_dir("prepare"), cfg.sasrec.max_len, cfg.sasrec.hold_out_last_train)
     codes = load_codes(sids, data.num_items) if sids is not None else None
     train_run = _run_settings(cfg, run_dir, stage, config_hash, inputs)
     config = loop_config(cfg, data, codes)
@@ -131,7 +131,8 @@ def stage_config_hash(cfg: Config) -> str:
 
     The BBQRec settings count only when they are switched on (``reweight=sid``, ``contrastive_weight > 0``,
     ``contrastive_target=sid``), the negative sampler only when BCE uses ``unseen``, the block layout
-    only when it is ``post``, the loss averaging only when it is ``epoch`` and the item representation only
+    only when it is ``post``, the loss averaging only when it is ``epoch``, the held-out last train item only
+    when it is on, and the item representation only
     when it is ``id+sid``, so a plain SASRec keeps the hash it had before they existed (its recorded runs
     stay current).
     """
@@ -155,6 +156,8 @@ def stage_config_hash(cfg: Config) -> str:
         unused.append("item_repr")
     if s.sid_weight_decay is None or not _has_code_table(s):
         unused.append("sid_weight_decay")
+    if not s.hold_out_last_train:
+        unused.append("hold_out_last_train")
     section = {k: v for k, v in dataclasses.asdict(s).items() if k not in unused}
     payload = json.dumps({"sasrec": section, "seed": cfg.seed}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
@@ -229,13 +232,16 @@ def _last_items(user: np.ndarray, item: np.ndarray, num_users: int, length: int,
     return out
 
 
-def build_sequences(interactions: pa.Table, bucket: np.ndarray, max_len: int) -> Sequences:
+def build_sequences(interactions: pa.Table, bucket: np.ndarray, max_len: int,
+                    hold_out_last_train: bool = False) -> Sequences:
     """Training and leave-one-out evaluation arrays from the prepared interactions.
 
     Args:
         interactions: user_id, item_id, position, split (train/valid/test/heldout).
         bucket: (num_items,) popularity bucket per item.
         max_len: history length (the most recent items are kept).
+        hold_out_last_train: leave each user's most recent train item out of the training sequences
+            (it stays in the valid and test histories); see ``SASRecTrainConfig.hold_out_last_train``.
     """
     num_items = len(bucket)
     pad = num_items
@@ -248,7 +254,13 @@ def build_sequences(interactions: pa.Table, bucket: np.ndarray, max_len: int) ->
         return _last_items(part["user_id"].to_numpy(), part["item_id"].to_numpy(), num_users, length, pad)
 
     split = df["split"].to_numpy()
-    seq = last(split == "train", max_len + 1)
+    trained = split == "train"
+    if hold_out_last_train:
+        users = df["user_id"].to_numpy()
+        rows = np.flatnonzero(trained)
+        last_of_user = np.append(users[rows][1:] != users[rows][:-1], True)  # rows are sorted by user
+        trained[rows[last_of_user]] = False
+    seq = last(trained, max_len + 1)
     inputs, targets = seq[:, :-1].copy(), seq[:, 1:].copy()
     targets[inputs == pad] = pad  # the first item of a sequence has nothing before it
     has_target = (targets != pad).any(axis=1)
@@ -281,14 +293,14 @@ def load_codes(sids: Path, num_items: int) -> np.ndarray:
     return codes
 
 
-def load_sequences(prepare_dir: Path, max_len: int) -> Sequences:
+def load_sequences(prepare_dir: Path, max_len: int, hold_out_last_train: bool = False) -> Sequences:
     """:func:`build_sequences` over ``RUN/prepare``."""
     inter = pq.read_table(prepare_dir / "interactions", columns=["user_id", "item_id", "position", "split"])
     stats = pq.read_table(prepare_dir / "item_stats.parquet", columns=["item_id", "bucket"]).to_pandas()
     bucket = stats.sort_values("item_id")["bucket"].to_numpy()
     if not (stats["item_id"].sort_values().to_numpy() == np.arange(len(stats))).all():
         raise DataError(f"{prepare_dir}/item_stats.parquet must list item ids 0..n-1 once each")
-    data = build_sequences(inter, bucket, max_len)
+    data = build_sequences(inter, bucket, max_len, hold_out_last_train)
     if len(data.train_inputs) == 0 or len(data.valid_target) == 0:
         raise DataError(f"{prepare_dir}: no training sequences or no valid cases; check the prepare outputs")
     return data

@@ -60,6 +60,14 @@ def test_sequences_follow_the_leave_one_out_protocol():
     assert data.test_target.tolist() == [6, 0, 4]
     assert data.valid_user.tolist() == data.test_user.tolist() == [0, 1, 2]  # the user of each case
 
+    # holding out each user's last train item: it leaves training (user 1 keeps no target) but stays in
+    # the valid and test inputs, so the valid input, like the test input, ends with an untrained item
+    held = sasrec.build_sequences(_table(rows), np.array(["head"] * 8 + ["cold"]), max_len=2,
+                                  hold_out_last_train=True)
+    assert held.train_inputs.tolist() == [[P, 1]] and held.train_targets.tolist() == [[P, 2]]
+    for name in ("valid_hist", "valid_target", "test_hist", "test_target", "valid_user", "test_user"):
+        assert np.array_equal(getattr(held, name), getattr(data, name)), name
+
 
 class _OneProcess:
     """The slice of WorkerContext that ``sasrec.evaluate`` uses, for one process."""
@@ -234,6 +242,36 @@ def test_loss_average_weighs_every_batch_or_every_target_position_the_same(avera
     else:  # weight per target position is the same everywhere; the epoch's total weight is unchanged
         np.testing.assert_allclose(weights / positions, weights[0] / positions[0])
         assert weights.sum() == pytest.approx(len(weights))
+
+
+def test_holding_out_the_last_train_item_counts_in_the_hash_only_when_on(tiny_config):
+    plain = sasrec.stage_config_hash(tiny_config())
+    assert sasrec.stage_config_hash(tiny_config("sasrec.hold_out_last_train=false")) == plain
+    assert sasrec.stage_config_hash(tiny_config("sasrec.hold_out_last_train=true")) != plain
+
+
+@pytest.mark.ray
+def test_the_stage_trains_without_the_held_out_items_when_asked(prepared, tiny_config, monkeypatch):
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def capture(fn, config, *args, **kwargs):
+        seen["targets"] = int((config["data"].train_targets != config["data"].num_items).sum())
+        raise Stop
+
+    monkeypatch.setattr(sasrec, "fit", capture)
+    counts = {}
+    run = _run_dir(prepared, tiny_config())
+    for flag in ("false", "true"):
+        cfg = tiny_config(f"sasrec.hold_out_last_train={flag}")
+        with pytest.raises(Stop):
+            sasrec.run(cfg, run)
+        counts[flag] = seen["targets"]
+    data = sasrec.load_sequences(prepared, cfg.sasrec.max_len)
+    # one target fewer per user with a training sequence (a user left with one item has no target)
+    assert 0 < counts["false"] - counts["true"] <= len(data.train_inputs)
 
 
 def test_loss_average_counts_in_the_hash_only_when_epoch(tiny_config):
