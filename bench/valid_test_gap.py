@@ -33,18 +33,6 @@ from sidforge.platform.metrics import case_gains
 from sidforge.stages.sasrec import case_ranks, load_sequences, read_case_ranks
 
 
-class _OneProcess:
-    """The slice of the Ray Train worker context that ``case_ranks`` uses, for one process."""
-
-    rank, world_size, device = 0, 1, torch.device("cpu")
-
-    def shard(self, n: int, seed: int | None = None, even: bool = True) -> np.ndarray:
-        return np.arange(n)
-
-    def all_gather(self, obj: object) -> list[object]:
-        return [obj]
-
-
 def shifted_gains(folder: str, metric: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per-user gains of the saved model on the two shifted cases (users sorted), history kept."""
     saved = torch.load(Path(folder) / "model.pt", weights_only=False)
@@ -60,7 +48,7 @@ def shifted_gains(folder: str, metric: str) -> dict[str, tuple[np.ndarray, np.nd
              "valid target, last input item dropped": (dropped, data.valid_target)}
     with torch.no_grad():
         return {name: (data.valid_user[order],
-                       case_gains(case_ranks(_OneProcess(), model.eval(), hist, target, False), metric)[order])
+                       case_gains(case_ranks(None, model, hist, target, False), metric)[order])
                 for name, (hist, target) in cases.items()}
 
 

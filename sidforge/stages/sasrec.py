@@ -436,20 +436,24 @@ def _train_epoch(ctx: WorkerContext, step: torch.nn.Module, opt: torch.optim.Opt
     return total / max(n, 1)
 
 
-def evaluate(ctx: WorkerContext, model: SASRec, hist: np.ndarray, target: np.ndarray, exclude_history: bool,
+def evaluate(ctx: WorkerContext | None, model: SASRec, hist: np.ndarray, target: np.ndarray, exclude_history: bool,
              groups: np.ndarray | None = None, chunk_size: int = 512) -> dict[str, float]:
     """Full-catalogue Recall/NDCG@K of :func:`case_ranks`."""
     return metrics_from_ranks(case_ranks(ctx, model, hist, target, exclude_history, chunk_size), groups=groups)
 
 
-def case_ranks(ctx: WorkerContext, model: SASRec, hist: np.ndarray, target: np.ndarray, exclude_history: bool,
-               chunk_size: int = 512) -> np.ndarray:
-    """(cases,) 0-based full-catalogue rank of each target; cases are split across workers and gathered."""
-    mine = ctx.shard(len(target), even=False)
+def case_ranks(ctx: WorkerContext | None, model: SASRec, hist: np.ndarray, target: np.ndarray,
+               exclude_history: bool, chunk_size: int = 512) -> np.ndarray:
+    """(cases,) 0-based full-catalogue rank of each target; cases are split across workers and gathered.
+
+    ``ctx=None`` scores every case in this process, on the model's device (a saved model, outside training).
+    """
+    mine = np.arange(len(target)) if ctx is None else ctx.shard(len(target), even=False)
     pad = model.config.pad_id
+    device = next(model.parameters()).device if ctx is None else ctx.device
 
     def score(idx: np.ndarray) -> torch.Tensor:
-        (h,) = _trimmed([hist[idx]], pad, ctx.device)
+        (h,) = _trimmed([hist[idx]], pad, device)
         return model.score_all(h)
 
     exclude = np.where(hist[mine] == pad, -1, hist[mine]) if exclude_history else None
@@ -458,6 +462,8 @@ def case_ranks(ctx: WorkerContext, model: SASRec, hist: np.ndarray, target: np.n
     with torch.no_grad():
         ranks = target_ranks(score, mine, target[mine], exclude=exclude, chunk_size=chunk_size)
     model.train(was_training)
+    if ctx is None:
+        return ranks
     gathered = ctx.all_gather((mine, ranks))
     all_ranks = np.empty(len(target), dtype=np.int64)
     for idx, r in gathered:

@@ -91,6 +91,9 @@ def test_excluding_history_only_removes_history_items():
     target[0] = hist[0, -1]  # a repeat: the target stays a candidate even though it is in the history
     keep = sasrec.evaluate(_OneProcess(), model, hist, target, exclude_history=False)
     drop = sasrec.evaluate(_OneProcess(), model, hist, target, exclude_history=True)
+    # without a worker context (a saved model, outside training) every case is scored here, the same way
+    assert np.array_equal(sasrec.case_ranks(None, model, hist, target, True),
+                          sasrec.case_ranks(_OneProcess(), model, hist, target, True))
     assert keep["count"] == drop["count"] == 40
     for k in (5, 10, 20):
         assert drop[f"recall@{k}"] >= keep[f"recall@{k}"]
