@@ -68,7 +68,7 @@ def main() -> None:
     ap.add_argument("--boot", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--windows", action="store_true", help="also score the two shifted cases (loads the models)")
-    ap.add_argument("--json", help="also write the figures here")
+    ap.add_argument("--json", default="bench/results/valid_test_gap.json", help="where to write the figures")
     args = ap.parse_args()
     if len(args.base) != len(args.other):
         raise SystemExit("--base and --other pair by position: give as many folders to each")
@@ -110,6 +110,7 @@ def main() -> None:
     print(f"users: {len(users)}, seeds: {len(args.base)}, per-user correlation of the valid and test differences: "
           f"{corr:+.3f}")
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         with open(args.json, "w") as f:
             json.dump({"base": args.base, "other": args.other, "metric": args.metric, "users": int(len(users)),
                        "correlation": corr, **out}, f, indent=2)
