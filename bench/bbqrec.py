@@ -247,14 +247,16 @@ def main() -> None:
             + (SIDEMB if args.item_repr == "id+sid" else ""))
     rows: list[dict] = []
     quality: dict[int, dict[str, dict]] = {}
+    pairs: dict[str, list[dict]] = {}
     for seed in map(int, args.seeds.split(",")):
         seed_rows, quality[seed] = run_seed(args, seed, chosen)
         rows += seed_rows
+        pairs = paired(rows)
         results = json.loads(out.read_text()) if out.is_file() else {}
         results[name] = {"config": args.config, "overrides": args.overrides, "seq_cl": args.seq_cl,
                          "seq_cl_target": args.seq_cl_target, "item_repr": args.item_repr,
                          "machine": f"{platform.node()} {platform.machine()}", "runs": rows,
-                         "summary": summarise(rows), "paired": paired(rows),
+                         "summary": summarise(rows), "paired": pairs,
                          "tokenizers": {str(s): q for s, q in quality.items()}}
         out.write_text(json.dumps(results, indent=2, default=str))
     print(format_table(*quality_table(quality)))
@@ -265,7 +267,7 @@ def main() -> None:
         print(format_table(table, ("variant", *KEYS, "seeds")))
         lines = [(v, r["split"], r["metric"], f"{r['diff']:+.4f}", f"[{r['low']:+.4f}, {r['high']:+.4f}]",
                   f"{r['share_not_above']:.3f}", " ".join(f"{d:+.4f}" for d in r["run_diffs"]))
-                 for v, rs in paired(rows).items() for r in rs]
+                 for v, rs in pairs.items() for r in rs]
         if lines:
             print()
             print(format_table(lines, ("variant - sasrec-ce", "split", "metric", "paired diff", "95% interval over users",

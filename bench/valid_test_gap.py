@@ -29,7 +29,7 @@ import torch
 
 from sidforge.cli import format_table
 from sidforge.models.sasrec import SASRec, SASRecConfig
-from sidforge.platform.metrics import case_gains
+from sidforge.platform.metrics import bootstrap_means, case_gains
 from sidforge.stages.sasrec import case_ranks, load_sequences, read_case_ranks
 
 
@@ -46,18 +46,20 @@ def shifted_gains(folder: str, metric: str) -> dict[str, tuple[np.ndarray, np.nd
     order = np.argsort(data.valid_user, kind="stable")
     cases = {"test target, valid input": (data.valid_hist, data.test_target),
              "valid target, last input item dropped": (dropped, data.valid_target)}
-    with torch.no_grad():
-        return {name: (data.valid_user[order],
-                       case_gains(case_ranks(None, model, hist, target, False), metric)[order])
-                for name, (hist, target) in cases.items()}
+    return {name: (data.valid_user[order], case_gains(case_ranks(None, model, hist, target, False), metric)[order])
+            for name, (hist, target) in cases.items()}
 
 
-def per_user(folder: str, split: str, metric: str) -> tuple[np.ndarray, np.ndarray]:
-    t = read_case_ranks(folder)
-    t = t.filter(pc.equal(t["split"], split))
-    users = t["user_id"].to_numpy()
-    order = np.argsort(users, kind="stable")
-    return users[order], case_gains(t["rank"].to_numpy(), metric)[order]
+def per_user(folder: str, metric: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Users (sorted) and their gains on the valid and on the test case, from one read of ``ranks.parquet``."""
+    table = read_case_ranks(folder)
+    out = {}
+    for split in ("valid", "test"):
+        t = table.filter(pc.equal(table["split"], split))
+        users = t["user_id"].to_numpy()
+        order = np.argsort(users, kind="stable")
+        out[split] = users[order], case_gains(t["rank"].to_numpy(), metric)[order]
+    return out
 
 
 def main() -> None:
@@ -75,8 +77,9 @@ def main() -> None:
     diffs: dict[str, list[np.ndarray]] = {"valid": [], "test": []}
     users: np.ndarray | None = None
     for b, o in zip(args.base, args.other):
+        base, other = per_user(b, args.metric), per_user(o, args.metric)
         for split in diffs:
-            (ub, gb), (uo, go) = per_user(b, split, args.metric), per_user(o, split, args.metric)
+            (ub, gb), (uo, go) = base[split], other[split]
             users = ub if users is None else users
             if not (np.array_equal(ub, users) and np.array_equal(uo, users)):
                 raise SystemExit(f"{b} / {o}: every folder must hold the same users on valid and on test")
@@ -90,16 +93,13 @@ def main() -> None:
                 if not np.array_equal(gb[name][0], users):
                     raise SystemExit(f"{b}: the saved model's prepare holds other users than ranks.parquet")
                 diffs.setdefault(name, []).append(go[name][1] - gb[name][1])
-    dv, dt = np.mean(diffs["valid"], axis=0), np.mean(diffs["test"], axis=0)
-    rng = np.random.default_rng(args.seed)
-    idx = rng.integers(0, len(users), size=(args.boot, len(users)))
-    boot = {"valid": dv[idx].mean(axis=1), "test": dt[idx].mean(axis=1)}
-    boot["test - valid"] = boot["test"] - boot["valid"]
-    point = {"valid": dv.mean(), "test": dt.mean(), "test - valid": dt.mean() - dv.mean()}
-    for name, d in diffs.items():
-        if name not in ("valid", "test"):
-            mean = np.mean(d, axis=0)
-            boot[name], point[name] = mean[idx].mean(axis=1), mean.mean()
+    means = {name: np.mean(d, axis=0) for name, d in diffs.items()}  # per user, over the seeds
+    dv, dt = means["valid"], means["test"]
+    samples = bootstrap_means(np.stack(list(means.values()), axis=1), args.boot, np.random.default_rng(args.seed))
+    drawn = {name: samples[:, j] for j, name in enumerate(means)}  # one draw of users for every case
+    boot = {"valid": drawn["valid"], "test": drawn["test"], "test - valid": drawn["test"] - drawn["valid"], **drawn}
+    point = {name: m.mean() for name, m in means.items()}
+    point["test - valid"] = point["test"] - point["valid"]
     rows, out = [], {}
     for name, b in boot.items():
         low, high = np.quantile(b, [0.025, 0.975])

@@ -39,6 +39,7 @@ __all__ = [
     "GaucResult",
     "PairedDifference",
     "auc",
+    "bootstrap_means",
     "gauc",
     "i2i_hit_at_k",
     "logloss",
@@ -151,6 +152,20 @@ def case_gains(ranks: ArrayLike, metric: str) -> np.ndarray:
     return np.where(hit, 1.0 / np.log2(r.astype(np.float64) + 2.0), 0.0)
 
 
+def bootstrap_means(values: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """(n_boot, k) column means of ``values`` (n, k) over resamples of its rows with replacement.
+
+    One draw of rows serves every column, so columns that belong to the same case (a user's valid and
+    test differences, say) stay paired. Resamples are drawn 64 at a time: memory is bounded by 64 x n.
+    """
+    n = len(values)
+    out = np.empty((n_boot, values.shape[1]))
+    for start in range(0, n_boot, 64):
+        idx = rng.integers(0, n, size=(min(64, n_boot - start), n))
+        out[start : start + len(idx)] = values[idx].mean(axis=1)
+    return out
+
+
 class PairedDifference(NamedTuple):
     """``other`` minus ``base`` on the same cases, with a bootstrap interval over the cases.
 
@@ -217,13 +232,9 @@ def paired_difference(
         raise ValueError("joint=True needs every run to rank the same cases; pass joint=False for runs on "
                          f"different case sets (sizes {sorted({d.size for d in diffs})})")
     rng = np.random.default_rng(seed)
-    boot = np.zeros(n_boot)
     pooled = [np.mean(diffs, axis=0)] if joint else diffs
-    for d in pooled:  # the statistic is the mean over runs, so each independent part adds its share
-        n = d.size
-        for start in range(0, n_boot, 64):  # bounded memory: 64 resamples x n cases at a time
-            idx = rng.integers(0, n, size=(min(64, n_boot - start), n))
-            boot[start : start + len(idx)] += d[idx].mean(axis=1) * (1.0 if joint else 1.0 / len(diffs))
+    # the statistic is the mean over runs, so each independently resampled part adds its share
+    boot = sum(bootstrap_means(d[:, None], n_boot, rng)[:, 0] for d in pooled) / len(pooled)
     alpha = (1.0 - level) / 2.0
     low, high = np.quantile(boot, [alpha, 1.0 - alpha])
     run_diffs = tuple(float(d.mean()) for d in diffs)

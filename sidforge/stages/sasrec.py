@@ -519,14 +519,14 @@ def compare_case_ranks(base: Sequence[str | Path], other: Sequence[str | Path],
         pairs.append((tb, to))
     first = pairs[0][0].select(keys)
     joint = all(tb.select(keys).equals(first) for tb, _ in pairs)
-    out = []
     def ranks(t: pa.Table, split: str) -> np.ndarray:
         return t.filter(pc.equal(t["split"], split))["rank"].to_numpy()
 
+    out = []
     for split in ("valid", "test"):
+        base_ranks, other_ranks = [ranks(tb, split) for tb, _ in pairs], [ranks(to, split) for _, to in pairs]
         for metric in metrics:
-            d = paired_difference([ranks(tb, split) for tb, _ in pairs], [ranks(to, split) for _, to in pairs],
-                                  metric, joint=joint, n_boot=n_boot, seed=seed)
+            d = paired_difference(base_ranks, other_ranks, metric, joint=joint, n_boot=n_boot, seed=seed)
             out.append({"split": split, "joint": joint, **d._asdict()})
     return out
 
