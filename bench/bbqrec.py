@@ -24,6 +24,11 @@ behavior embeddings e_b of BBQ), the tokenizers ``tokenize-{rqkmeans,rqvae,bbq,b
     norw-seqcl      no reweighting, sequence-to-item loss only          (only when --seq-cl > 0;
                                                                          with --seq-cl 0 it is sasrec-ce)
 
+``--refit`` adds the train-then-refit protocol: after each chosen variant's run (which selects its epoch
+on valid) a ``<variant>-refit`` stage (``RUN/sasrec-ce-refit``, ``RUN/sasrec-<variant>-refit``) trains
+the same config on train + valid for that run's ``best_epoch + 1`` epochs (``sasrec.refit_epochs``) and
+scores test with it; the refit variants are paired against ``sasrec-ce-refit``.
+
 Every stage skips itself when its config and inputs are unchanged, so a stopped bench continues where it
 stopped. ``--reuse DIR`` (repeatable; ``{seed}`` is replaced) copies finished stage folders and their
 manifest entries from other run directories into a fresh one (the first DIR holding a stage wins), e.g.
@@ -134,6 +139,8 @@ def run_seed(args: argparse.Namespace, seed: int, chosen: list[str]) -> tuple[li
     t0 = time.perf_counter()
     base = sasrec.run(cfg, run)
     rows = [_row("sasrec-ce", seed, base, time.perf_counter() - t0)] if "sasrec-ce" in chosen else []
+    if args.refit and "sasrec-ce" in chosen:
+        rows.append(_refit(args, "sasrec-ce", seed, base, [], run))
     behavior = np.asarray(pq.read_table(run.stage_dir("sasrec") / "item_embeddings.parquet")
                           .column("embedding").to_pylist(), dtype=np.float32)
     quality: dict[str, dict] = {}
@@ -156,14 +163,27 @@ def run_seed(args: argparse.Namespace, seed: int, chosen: list[str]) -> tuple[li
         sids = run.stage_dir(f"tokenize-{tok}") if tok else None
         res = sasrec.run(seed_config(args, seed, *extra), run, sids)
         rows.append(_row(name, seed, res, time.perf_counter() - t0))
+        if args.refit:
+            rows.append(_refit(args, name, seed, res, extra, run, sids))
     return rows, quality
+
+
+def _refit(args: argparse.Namespace, name: str, seed: int, selected: Any, extra: list[str], run: RunDir,
+           sids: Path | None = None) -> dict:
+    """``<name>-refit``: the variant trained on train + valid for the epochs its run ``selected`` chose."""
+    t0 = time.perf_counter()
+    epochs = int(selected.metrics["best_epoch"]) + 1
+    refit_name = "ce-refit" if name == "sasrec-ce" else f"{name}-refit"  # RUN/sasrec-ce-refit, RUN/sasrec-<name>-refit
+    cfg = seed_config(args, seed, *extra, f"sasrec.refit_epochs={epochs}", f"sasrec.name={refit_name}")
+    res = sasrec.run(cfg, run, sids)
+    return _row(f"{name}-refit", seed, res, time.perf_counter() - t0)
 
 
 def _row(name: str, seed: int, res: Any, wall: float) -> dict:
     m = res.metrics
     return {"variant": name, "seed": seed, "dir": str(res.out_dir), "wall_s": round(wall, 1), "skipped": res.skipped,
             "best_epoch": m.get("best_epoch"), "epochs_run": m.get("epochs_run"),
-            "reweight_weights": m.get("reweight_weights"), "test": m["test"], "valid": m["valid"]}
+            "reweight_weights": m.get("reweight_weights"), "test": m["test"], "valid": m.get("valid")}  # refit: none
 
 
 def _mean_std(vals: list[float]) -> dict[str, float]:
@@ -181,10 +201,12 @@ def summarise(rows: list[dict]) -> dict[str, dict]:
 
 
 def paired(rows: list[dict], metrics: tuple[str, ...] = ("ndcg@10", "recall@20")) -> dict[str, list[dict]]:
-    """Every variant against SASRec-CE of the same seeds, case by case (``sidforge compare``)."""
-    base = {r["seed"]: r["dir"] for r in rows if r["variant"] == "sasrec-ce"}
+    """Every variant against SASRec-CE of the same seeds (a refit against SASRec-CE's refit), case by case
+    (``sidforge compare``)."""
+    bases = {b: {r["seed"]: r["dir"] for r in rows if r["variant"] == b} for b in ("sasrec-ce", "sasrec-ce-refit")}
     out = {}
-    for name in dict.fromkeys(r["variant"] for r in rows if r["variant"] != "sasrec-ce"):
+    for name in dict.fromkeys(r["variant"] for r in rows if r["variant"] not in bases):
+        base = bases["sasrec-ce-refit" if name.endswith("-refit") else "sasrec-ce"]
         pairs = [(base[r["seed"]], r["dir"]) for r in rows if r["variant"] == name and r["seed"] in base]
         if pairs and all((Path(d) / "ranks.parquet").is_file() for pair in pairs for d in pair):
             out[name] = sasrec.compare_case_ranks([b for b, _ in pairs], [o for _, o in pairs], metrics)
@@ -232,6 +254,8 @@ def main() -> None:
                     help="item representation of the reweighted variants (id+sid: -sidemb variants)")
     ap.add_argument("--variants", default="", help="comma-separated subset of the variants (default: all)")
     ap.add_argument("--tokenizers-only", action="store_true", help="fit the tokenizers and print their table only")
+    ap.add_argument("--refit", action="store_true",
+                    help="also refit every chosen variant on train + valid for its selected epochs (<variant>-refit)")
     ap.add_argument("--out", default="bench/results/bbqrec.json")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -254,7 +278,7 @@ def main() -> None:
         pairs = paired(rows)
         results = json.loads(out.read_text()) if out.is_file() else {}
         results[name] = {"config": args.config, "overrides": args.overrides, "seq_cl": args.seq_cl,
-                         "seq_cl_target": args.seq_cl_target, "item_repr": args.item_repr,
+                         "seq_cl_target": args.seq_cl_target, "item_repr": args.item_repr, "refit": args.refit,
                          "machine": f"{platform.node()} {platform.machine()}", "runs": rows,
                          "summary": summarise(rows), "paired": pairs,
                          "tokenizers": {str(s): q for s, q in quality.items()}}
@@ -270,7 +294,7 @@ def main() -> None:
                  for v, rs in pairs.items() for r in rs]
         if lines:
             print()
-            print(format_table(lines, ("variant - sasrec-ce", "split", "metric", "paired diff", "95% interval over users",
+            print(format_table(lines, ("variant - sasrec-ce(-refit)", "split", "metric", "paired diff", "95% interval over users",
                                        "P(diff <= 0)", "per seed")))
 
 

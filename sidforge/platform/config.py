@@ -280,6 +280,14 @@ class SASRecTrainConfig:
             (with the held-out item), so model selection on valid sees the situation of test. It costs one
             training target per user; a selection protocol for checking that a choice made on valid carries
             to test, not a way to a better model.
+        refit_epochs: 0 (the default) trains on the train part and keeps the best epoch by valid NDCG@10.
+            ``N > 0`` is the final fit of the train-then-refit protocol: train on the train *and* valid
+            interactions (each user's history up to the test item) for exactly ``N`` epochs, with no
+            selection, and score test with the last epoch. ``N`` comes from a selection run on the same
+            config: its ``best_epoch + 1`` (``bench/bbqrec.py --refit`` chains the two). The test input
+            then ends with an item the model trained on as a target, as the valid input does in the
+            selection run. Such a stage reports no valid metrics (valid was trained on); it cannot be
+            combined with ``hold_out_last_train``.
     """
 
     hidden: int = 64
@@ -296,6 +304,7 @@ class SASRecTrainConfig:
     batch_size: int = 256
     loss_average: Literal["batch", "epoch"] = "batch"
     hold_out_last_train: bool = False
+    refit_epochs: int = 0
     epochs: int = 200
     patience: int = 10
     eval_every: int = 1
@@ -327,6 +336,11 @@ class SASRecTrainConfig:
                      "eval_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"sasrec.{name} must be >= 1, got {getattr(self, name)}")
+        if self.refit_epochs < 0:
+            raise ConfigError(f"sasrec.refit_epochs must be >= 0 (0: train and select on valid), got {self.refit_epochs}")
+        if self.refit_epochs and self.hold_out_last_train:
+            raise ConfigError("sasrec.refit_epochs trains on every interaction before the test item, so "
+                              "sasrec.hold_out_last_train has nothing to hold out; set it to false")
         if self.hidden % self.heads:
             raise ConfigError(f"sasrec.hidden={self.hidden} must be divisible by sasrec.heads={self.heads}; "
                               "pick heads among the divisors of hidden")

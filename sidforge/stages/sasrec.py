@@ -21,6 +21,10 @@ them out, as far as we know, and so do the Beauty figures they publish). The tes
 scored under the other protocol (``test_history_excluded`` or ``test_history_kept`` in the metrics), for
 comparison with figures published under it; selection never looks at either.
 
+Train, then refit (``sasrec.refit_epochs=N``): a second stage trains on train *and* valid for the ``N``
+epochs a selection run chose (its ``best_epoch + 1``) and scores test with the last epoch; it writes no valid
+metrics and only test rows to ``ranks.parquet`` (``bench/bbqrec.py --refit`` runs the pair).
+
 Training checkpoints live in ``RUN/_train/sasrec-<config hash>-<inputs hash>/`` while the stage runs; a
 stage killed mid-training resumes from its last epoch when run again with the same config and inputs
 (``force`` starts over). They are deleted once the outputs are written.
@@ -102,7 +106,9 @@ def run(cfg: Config, run_dir: RunDir, sids: str | Path | None = None, force: boo
     inputs = _input_fingerprints(run_dir, sids)
     if not force and (cached := run_dir.cached(stage, config_hash, inputs)) is not None:
         return cached
-    data = load_sequences(run_dir.stage_dir("prepare"), cfg.sasrec.max_len, cfg.sasrec.hold_out_last_train)
+    refit = cfg.sasrec.refit_epochs > 0
+    data = load_sequences(run_dir.stage_dir("prepare"), cfg.sasrec.max_len, cfg.sasrec.hold_out_last_train,
+                          include_valid=refit)
     codes = load_codes(sids, data.num_items) if sids is not None else None
     train_run = _run_settings(cfg, run_dir, stage, config_hash, inputs)
     config = loop_config(cfg, data, codes)
@@ -113,7 +119,7 @@ def run(cfg: Config, run_dir: RunDir, sids: str | Path | None = None, force: boo
         metrics = _write_outputs(out, result, data, config["model"], config["exclude_history"], sids)
     remove_run(train_run)
     rows = {"items": data.num_items, "train_sequences": len(data.train_inputs),
-            "valid_cases": len(data.valid_target), "test_cases": len(data.test_target)}
+            "valid_cases": 0 if refit else len(data.valid_target), "test_cases": len(data.test_target)}
     result = run_dir.finish(stage, config_hash, inputs, rows, metrics, t0)
     log.info("%s: wrote %s in %.1f s (test recall@10 %.4f)", stage, result.out_dir, result.wall_time_s,
              metrics["test"].get("recall@10", 0.0))
@@ -132,7 +138,7 @@ def stage_config_hash(cfg: Config) -> str:
     The BBQRec settings count only when they are switched on (``reweight=sid``, ``contrastive_weight > 0``,
     ``contrastive_target=sid``), the negative sampler only when BCE uses ``unseen``, the block layout
     only when it is ``post``, the loss averaging only when it is ``epoch``, the held-out last train item only
-    when it is on, and the item representation only
+    when it is on, the refit budget only when it is set (and then in place of the selection settings), and the item representation only
     when it is ``id+sid``, so a plain SASRec keeps the hash it had before they existed (its recorded runs
     stay current).
     """
@@ -158,6 +164,10 @@ def stage_config_hash(cfg: Config) -> str:
         unused.append("sid_weight_decay")
     if not s.hold_out_last_train:
         unused.append("hold_out_last_train")
+    if not s.refit_epochs:
+        unused.append("refit_epochs")
+    else:  # the refit trains a fixed budget: the selection settings do not reach its outputs
+        unused += ["epochs", "patience", "eval_every"]
     section = {k: v for k, v in dataclasses.asdict(s).items() if k not in unused}
     payload = json.dumps({"sasrec": section, "seed": cfg.seed}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
@@ -186,8 +196,11 @@ def _input_fingerprints(run_dir: RunDir, sids: Path | None = None) -> dict[str, 
 
 def _run_settings(cfg: Config, run_dir: RunDir, stage: str, config_hash: str,
                   inputs: dict[str, str]) -> RunSettings:
-    return stage_run_settings(stage, run_dir.path, config_hash, inputs, max_failures=cfg.sasrec.max_failures,
-                              patience=cfg.sasrec.patience, monitor=MONITOR)
+    run = stage_run_settings(stage, run_dir.path, config_hash, inputs, max_failures=cfg.sasrec.max_failures,
+                             patience=cfg.sasrec.patience, monitor=MONITOR)
+    if cfg.sasrec.refit_epochs:  # a fixed budget, no selection: the last epoch is the model
+        run = dataclasses.replace(run, monitor=None, patience=None)
+    return run
 
 
 # ----------------------------------------------------------------------------------------------
@@ -233,7 +246,7 @@ def _last_items(user: np.ndarray, item: np.ndarray, num_users: int, length: int,
 
 
 def build_sequences(interactions: pa.Table, bucket: np.ndarray, max_len: int,
-                    hold_out_last_train: bool = False) -> Sequences:
+                    hold_out_last_train: bool = False, include_valid: bool = False) -> Sequences:
     """Training and leave-one-out evaluation arrays from the prepared interactions.
 
     Args:
@@ -242,6 +255,8 @@ def build_sequences(interactions: pa.Table, bucket: np.ndarray, max_len: int,
         max_len: history length (the most recent items are kept).
         hold_out_last_train: leave each user's most recent train item out of the training sequences
             (it stays in the valid and test histories); see ``SASRecTrainConfig.hold_out_last_train``.
+        include_valid: train on the valid item too (each user's sequence up to the test item), for the refit
+            of ``SASRecTrainConfig.refit_epochs``; the valid cases are built as always.
     """
     num_items = len(bucket)
     pad = num_items
@@ -254,7 +269,7 @@ def build_sequences(interactions: pa.Table, bucket: np.ndarray, max_len: int,
         return _last_items(part["user_id"].to_numpy(), part["item_id"].to_numpy(), num_users, length, pad)
 
     split = df["split"].to_numpy()
-    trained = split == "train"
+    trained = np.isin(split, ("train", "valid")) if include_valid else split == "train"
     if hold_out_last_train:
         users = df["user_id"].to_numpy()
         rows = np.flatnonzero(trained)
@@ -293,14 +308,15 @@ def load_codes(sids: Path, num_items: int) -> np.ndarray:
     return codes
 
 
-def load_sequences(prepare_dir: Path, max_len: int, hold_out_last_train: bool = False) -> Sequences:
+def load_sequences(prepare_dir: Path, max_len: int, hold_out_last_train: bool = False,
+                   include_valid: bool = False) -> Sequences:
     """:func:`build_sequences` over ``RUN/prepare``."""
     inter = pq.read_table(prepare_dir / "interactions", columns=["user_id", "item_id", "position", "split"])
     stats = pq.read_table(prepare_dir / "item_stats.parquet", columns=["item_id", "bucket"]).to_pandas()
     bucket = stats.sort_values("item_id")["bucket"].to_numpy()
     if not (stats["item_id"].sort_values().to_numpy() == np.arange(len(stats))).all():
         raise DataError(f"{prepare_dir}/item_stats.parquet must list item ids 0..n-1 once each")
-    data = build_sequences(inter, bucket, max_len, hold_out_last_train)
+    data = build_sequences(inter, bucket, max_len, hold_out_last_train, include_valid)
     if len(data.train_inputs) == 0 or len(data.valid_target) == 0:
         raise DataError(f"{prepare_dir}: no training sequences or no valid cases; check the prepare outputs")
     return data
@@ -326,7 +342,7 @@ def loop_config(cfg: Config, data: Sequences, codes: np.ndarray | None = None) -
                              s.contrastive_target == "sid" or s.item_repr == "id+sid") else 0)
     return {"model": dataclasses.asdict(model), "lr": s.lr, "weight_decay": s.weight_decay,
             "sid_weight_decay": s.sid_weight_decay, "batch_size": s.batch_size, "loss_average": s.loss_average,
-            "epochs": s.epochs, "eval_every": s.eval_every,
+            "epochs": s.refit_epochs or s.epochs, "eval_every": s.eval_every, "refit": s.refit_epochs > 0,
             "unseen_negatives": s.unseen_negatives,
             "exclude_history": s.exclude_history, "seed": cfg.seed if s.seed is None else s.seed, "data": data,
             "sid_codes": codes}
@@ -359,7 +375,7 @@ def train_sasrec(ctx: WorkerContext, config: dict[str, Any]) -> dict[str, Any]:
         torch.manual_seed(config["seed"] + 7919 * epoch + ctx.rank)  # dropout/negatives: resumable, per rank
         loss = _train_epoch(ctx, step, opt, data, config, epoch)
         metrics: dict[str, Any] = {"loss": loss}
-        if (epoch + 1) % config["eval_every"] == 0 or epoch + 1 == config["epochs"]:
+        if not config["refit"] and ((epoch + 1) % config["eval_every"] == 0 or epoch + 1 == config["epochs"]):
             valid = evaluate(ctx, model, data.valid_hist, data.valid_target, config["exclude_history"])
             metrics.update({f"valid/{k}": v for k, v in valid.items() if k != "count"})
         ctx.report(epoch, metrics, lambda: {"model": model.state_dict(), "opt": opt.state_dict()})
@@ -369,10 +385,12 @@ def train_sasrec(ctx: WorkerContext, config: dict[str, Any]) -> dict[str, Any]:
         raise RuntimeError("sasrec: no checkpoint to evaluate; sasrec.epochs must be >= 1")
     model.load_state_dict(best["model"])
     ex = config["exclude_history"]
-    valid_ranks = case_ranks(ctx, model, data.valid_hist, data.valid_target, ex)
+    # a refit trained on the valid targets: its valid figures would mean nothing, so it has none
+    valid_ranks = None if config["refit"] else case_ranks(ctx, model, data.valid_hist, data.valid_target, ex)
     test_ranks = case_ranks(ctx, model, data.test_hist, data.test_target, ex)
     return {
-        "valid": metrics_from_ranks(valid_ranks, groups=data.bucket[data.valid_target]),
+        "valid": None if valid_ranks is None else metrics_from_ranks(valid_ranks,
+                                                                     groups=data.bucket[data.valid_target]),
         "test": metrics_from_ranks(test_ranks, groups=data.bucket[data.test_target]),
         "valid_ranks": valid_ranks, "test_ranks": test_ranks,  # per case, for paired comparisons of runs
         # the other candidate protocol, reported beside (never used for selection)
@@ -475,12 +493,14 @@ def case_ranks(ctx: WorkerContext | None, model: SASRec, hist: np.ndarray, targe
 # outputs
 
 
-def case_ranks_table(data: Sequences, valid_ranks: np.ndarray, test_ranks: np.ndarray) -> pa.Table:
-    """``ranks.parquet``: one row per valid and test case, the rank of its target under the stage's protocol."""
-    n_valid, n_test = len(data.valid_target), len(data.test_target)
-    return pa.table({"split": pa.array(["valid"] * n_valid + ["test"] * n_test, type=pa.string()),
-                     "user_id": np.concatenate([data.valid_user, data.test_user]).astype(np.int64),
-                     "item_id": np.concatenate([data.valid_target, data.test_target]).astype(np.int64),
+def case_ranks_table(data: Sequences, valid_ranks: np.ndarray | None, test_ranks: np.ndarray) -> pa.Table:
+    """``ranks.parquet``: one row per valid and test case, the rank of its target under the stage's protocol
+    (test cases only when ``valid_ranks`` is ``None``: a refit)."""
+    n_valid = 0 if valid_ranks is None else len(data.valid_target)
+    valid_ranks = np.empty(0, dtype=np.int64) if valid_ranks is None else valid_ranks
+    return pa.table({"split": pa.array(["valid"] * n_valid + ["test"] * len(data.test_target), type=pa.string()),
+                     "user_id": np.concatenate([data.valid_user[:n_valid], data.test_user]).astype(np.int64),
+                     "item_id": np.concatenate([data.valid_target[:n_valid], data.test_target]).astype(np.int64),
                      "rank": np.concatenate([valid_ranks, test_ranks]).astype(np.int64)},
                     schema=CASE_RANKS)
 
@@ -504,7 +524,8 @@ def compare_case_ranks(base: Sequence[str | Path], other: Sequence[str | Path],
 
     Folder ``i`` of ``base`` is paired with folder ``i`` of ``other`` (one seed each); a pair must hold the
     same cases (split, user and target, in order): two models trained on one prepare. When every pair
-    holds the same cases the users are resampled jointly across the pairs.
+    holds the same cases the users are resampled jointly across the pairs. A split no folder holds (valid,
+    for refits) is left out.
     """
     if not base or len(base) != len(other):
         raise DataError(f"compare pairs base and other folders by position: got {len(base)} base and "
@@ -525,6 +546,8 @@ def compare_case_ranks(base: Sequence[str | Path], other: Sequence[str | Path],
     out = []
     for split in ("valid", "test"):
         base_ranks, other_ranks = [ranks(tb, split) for tb, _ in pairs], [ranks(to, split) for _, to in pairs]
+        if not any(len(r) for r in base_ranks):
+            continue
         for metric in metrics:
             d = paired_difference(base_ranks, other_ranks, metric, joint=joint, n_boot=n_boot, seed=seed)
             out.append({"split": split, "joint": joint, **d._asdict()})
@@ -559,8 +582,10 @@ def _write_outputs(out: Path, result: FitResult, data: Sequences, model_config: 
         raise RuntimeError("sasrec: the workers' model replicas diverged; gradients were not synchronised")
     other = "test_history_kept" if exclude_history else "test_history_excluded"
     metrics = {"best_epoch": result.best_epoch, "epochs_run": len(result.history),
-               "stopped_early": result.stopped_early, "valid": result.value["valid"], "test": result.value["test"],
+               "stopped_early": result.stopped_early, "test": result.value["test"],
                other: result.value["test_other_protocol"]}
+    if result.value["valid"] is not None:  # a refit has none
+        metrics["valid"] = result.value["valid"]
     if "sid_bias.weight" in state:  # (H', L) level weights of the reweighting, as trained
         metrics["reweight_weights"] = state["sid_bias.weight"].float().tolist()
     (out / "metrics.json").write_text(json.dumps({**metrics, "history": result.history}, indent=2))

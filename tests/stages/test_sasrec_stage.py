@@ -68,6 +68,13 @@ def test_sequences_follow_the_leave_one_out_protocol():
     for name in ("valid_hist", "valid_target", "test_hist", "test_target", "valid_user", "test_user"):
         assert np.array_equal(getattr(held, name), getattr(data, name)), name
 
+    # the refit's sequences run up to the test item: the valid item becomes the last training target
+    # (user 2, with a valid item only, still has no target); the evaluation arrays stay as they were
+    refit = sasrec.build_sequences(_table(rows), np.array(["head"] * 8 + ["cold"]), max_len=2, include_valid=True)
+    assert refit.train_inputs.tolist() == [[2, 3], [4, 7]] and refit.train_targets.tolist() == [[3, 5], [7, 2]]
+    for name in ("valid_hist", "valid_target", "test_hist", "test_target", "valid_user", "test_user"):
+        assert np.array_equal(getattr(refit, name), getattr(data, name)), name
+
 
 class _OneProcess:
     """The slice of WorkerContext that ``sasrec.evaluate`` uses, for one process."""
@@ -275,6 +282,47 @@ def test_the_stage_trains_without_the_held_out_items_when_asked(prepared, tiny_c
     data = sasrec.load_sequences(prepared, cfg.sasrec.max_len)
     # one target fewer per user with a training sequence (a user left with one item has no target)
     assert 0 < counts["false"] - counts["true"] <= len(data.train_inputs)
+
+
+def test_the_refit_budget_counts_in_the_hash_only_when_set_and_replaces_the_selection_settings(tiny_config):
+    plain = sasrec.stage_config_hash(tiny_config())
+    assert sasrec.stage_config_hash(tiny_config("sasrec.refit_epochs=0")) == plain
+    refit = sasrec.stage_config_hash(tiny_config("sasrec.refit_epochs=3"))
+    assert refit != plain != sasrec.stage_config_hash(tiny_config("sasrec.refit_epochs=4"))
+    # a fixed budget: the selection run's epoch cap and patience do not reach the refit's outputs
+    assert sasrec.stage_config_hash(tiny_config("sasrec.refit_epochs=3", "sasrec.patience=2",
+                                                "sasrec.epochs=50")) == refit
+    with pytest.raises(ConfigError, match="sasrec.refit_epochs"):
+        tiny_config("sasrec.refit_epochs=-1")
+    with pytest.raises(ConfigError, match="hold_out_last_train"):
+        tiny_config("sasrec.refit_epochs=3", "sasrec.hold_out_last_train=true")
+
+
+@pytest.mark.ray
+def test_a_refit_trains_on_the_valid_items_for_its_budget_and_scores_test_only(prepared, tiny_config):
+    cfg = tiny_config("sasrec.epochs=3", "sasrec.patience=1")
+    run = _run_dir(prepared, cfg)
+    selected = sasrec.run(cfg, run)
+    refit = sasrec.run(tiny_config("sasrec.refit_epochs=2", "sasrec.name=ce-refit"), run)
+    m = json.loads((refit.out_dir / "metrics.json").read_text())
+    assert len(m["history"]) == 2 and m["best_epoch"] == 1  # the budget, all of it, no early stop
+    assert not any(k.startswith("valid/") for row in m["history"] for k in row)  # valid was trained on
+    assert "valid" not in refit.metrics and refit.metrics["test"]["ndcg@10"] > 0.05  # random: about 0.01
+    assert refit.rows["valid_cases"] == 0
+    ranks = sasrec.read_case_ranks(refit.out_dir)
+    assert set(ranks["split"].to_pylist()) == {"test"}
+    assert ranks["user_id"].to_pylist() == pq.read_table(selected.out_dir / "ranks.parquet").filter(
+        pc.equal(pc.field("split"), "test"))["user_id"].to_pylist()
+    # the model saved is the one that scored test (the last epoch of the refit)
+    saved = torch.load(refit.out_dir / "model.pt", weights_only=True)
+    model = SASRec(SASRecConfig(**saved["config"]))
+    model.load_state_dict(saved["state_dict"])
+    data = sasrec.load_sequences(run.stage_dir("prepare"), cfg.sasrec.max_len)
+    again = sasrec.case_ranks(None, model, data.test_hist, data.test_target, cfg.sasrec.exclude_history)
+    assert again.tolist() == ranks["rank"].to_pylist()
+    # refits compare on test alone
+    rows = sasrec.compare_case_ranks([refit.out_dir], [refit.out_dir], n_boot=100)
+    assert {r["split"] for r in rows} == {"test"} and all(r["diff"] == 0 for r in rows)
 
 
 def test_loss_average_counts_in_the_hash_only_when_epoch(tiny_config):
