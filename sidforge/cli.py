@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
                                   "(default: the config's tokenize output in the run directory)")
     p.add_argument("--reweight", choices=["none", "sid"],
                    help="sasrec: BBQRec's attention reweighting by SID similarity (default: sasrec.reweight)")
+    p.add_argument("--refit", action="store_true",
+                   help="sasrec: then train on train + valid for the selected epochs and score test with that "
+                        "model (RUN/<stage>-refit; sasrec.refit_epochs)")
     _add_common(p)
 
     p = sub.add_parser("evaluate", help="re-score a trained generative model on its run's test split")
@@ -173,6 +176,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         args.overrides = [f"sasrec.reweight={args.reweight}", *args.overrides]
     cfg = _config(args)
     run_dir = RunDir(cfg.run_dir)
+    if getattr(args, "refit", False) and (args.model != "sasrec" or cfg.sasrec.refit_epochs):
+        raise ConfigError("--refit belongs to `train sasrec` and picks sasrec.refit_epochs itself (from the "
+                          "selection run); leave sasrec.refit_epochs at 0")
     if args.model == "generative":
         from sidforge.stages import generative
 
@@ -202,10 +208,23 @@ def cmd_train(args: argparse.Namespace) -> int:
         if cfg.sasrec.num_workers > 0 or args.address:
             init_ray(args.address)
         sids = Path(args.sids) if args.sids else run_dir.stage_dir(cfg.tokenize.output_name)
-        result = sasrec.run(cfg, run_dir, sids if cfg.sasrec.reweight == "sid" else None, force=args.force)
-    status = "unchanged (skipped)" if result.skipped else f"trained in {result.wall_time_s:.1f} s"
-    print(f"train {args.model}: {status} -> {result.out_dir}")
-    splits = {"valid": result.metrics.get("valid", {}), "test": result.metrics.get("test", {})}
+        sids = sids if cfg.sasrec.reweight == "sid" else None
+        result = sasrec.run(cfg, run_dir, sids, force=args.force)
+        if getattr(args, "refit", False):
+            _print_metrics(args.model, result)
+            epochs = int(result.metrics["best_epoch"]) + 1
+            name = cfg.sasrec.output_name.removeprefix(sasrec.STAGE).lstrip("-")
+            args.overrides = [*args.overrides, f"sasrec.refit_epochs={epochs}",
+                              f"sasrec.name={name + '-' if name else ''}refit"]
+            print(f"refit on train + valid for the {epochs} epochs selected on valid")
+            result = sasrec.run(_config(args), run_dir, sids, force=args.force)
+    return _print_metrics(args.model, result)
+
+
+def _print_metrics(model: str, result: object) -> int:
+    print(f"train {model}: {_status(result)} -> {result.out_dir}")  # type: ignore[attr-defined]
+    m = result.metrics  # type: ignore[attr-defined]
+    splits = {split: m[split] for split in ("valid", "test") if m.get(split)}  # a refit has no valid figures
     keys = ("recall@5", "ndcg@5", "recall@10", "ndcg@10", "recall@20", "ndcg@20")
     print(format_table(*metric_rows(splits, keys)))
     return 0

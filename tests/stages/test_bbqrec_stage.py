@@ -254,10 +254,16 @@ def test_cli_trains_a_reweighted_sasrec(built, tmp_path, capsys):
     run_dir = _copy(built, tmp_path)
     config = REPO / "configs" / "tiny.yaml"
     assert cli.main(["train", "sasrec", "-c", str(config), "--run-dir", str(run_dir), "--reweight", "sid",
-                     "--sids", str(run_dir / "tokenize-bbq"), "--set", "sasrec.epochs=2"]) == 0
+                     "--sids", str(run_dir / "tokenize-bbq"), "--set", "sasrec.epochs=2", "--refit"]) == 0
     out = capsys.readouterr().out
-    assert "train sasrec: trained in" in out and "sasrec-sid" in out and "recall@10" in out
-    assert (run_dir / "sasrec-sid" / "metrics.json").is_file()
+    assert "train sasrec: trained in" in out and "sasrec-sid\n" in out and "recall@10" in out
+    selected = json.loads((run_dir / "sasrec-sid" / "metrics.json").read_text())
+    # --refit: the same reweighted model on train + valid for the epochs chosen on valid, test only
+    refit = json.loads((run_dir / "sasrec-sid-refit" / "metrics.json").read_text())
+    assert len(refit["history"]) == selected["best_epoch"] + 1 and "valid" not in refit
+    assert "sasrec-sid-refit" in out and out.count("\nvalid ") == 1  # the selection run's table alone has valid
+    assert cli.main(["train", "ranker", "-c", str(config), "--run-dir", str(run_dir), "--refit"]) == 2
+    assert "--refit belongs to `train sasrec`" in capsys.readouterr().err
 
 
 @pytest.mark.ray
