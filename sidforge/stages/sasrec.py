@@ -524,8 +524,8 @@ def compare_case_ranks(base: Sequence[str | Path], other: Sequence[str | Path],
 
     Folder ``i`` of ``base`` is paired with folder ``i`` of ``other`` (one seed each); a pair must hold the
     same cases (split, user and target, in order): two models trained on one prepare. When every pair
-    holds the same cases the users are resampled jointly across the pairs. A split no folder holds (valid,
-    for refits) is left out.
+    holds the same cases the users are resampled jointly across the pairs. Only the splits both folders of
+    a pair hold are compared (a refit holds test alone).
     """
     if not base or len(base) != len(other):
         raise DataError(f"compare pairs base and other folders by position: got {len(base)} base and "
@@ -534,6 +534,11 @@ def compare_case_ranks(base: Sequence[str | Path], other: Sequence[str | Path],
     pairs = []
     for b, o in zip(base, other):
         tb, to = read_case_ranks(b), read_case_ranks(o)
+        shared = set(pc.unique(tb["split"]).to_pylist()) & set(pc.unique(to["split"]).to_pylist())
+        if not shared:
+            raise DataError(f"{b} and {o} share no split (a refit ranks test alone); nothing to compare")
+        # a refit (test only) against its selection run: compare on the split both hold
+        tb, to = (t.filter(pc.is_in(t["split"], pa.array(sorted(shared)))) for t in (tb, to))
         if not tb.select(keys).equals(to.select(keys)):
             raise DataError(f"{b} and {o} do not rank the same cases (split, user_id, item_id); compare two "
                             "models trained on the same prepare")

@@ -323,6 +323,10 @@ def test_a_refit_trains_on_the_valid_items_for_its_budget_and_scores_test_only(p
     # refits compare on test alone
     rows = sasrec.compare_case_ranks([refit.out_dir], [refit.out_dir], n_boot=100)
     assert {r["split"] for r in rows} == {"test"} and all(r["diff"] == 0 for r in rows)
+    rows = sasrec.compare_case_ranks([selected.out_dir], [refit.out_dir], ["ndcg@10"], n_boot=100)
+    assert [r["split"] for r in rows] == ["test"]
+    assert rows[0]["other"] == pytest.approx(refit.metrics["test"]["ndcg@10"])
+    assert rows[0]["base"] == pytest.approx(selected.metrics["test"]["ndcg@10"])
 
 
 def test_loss_average_counts_in_the_hash_only_when_epoch(tiny_config):
