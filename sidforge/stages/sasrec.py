@@ -138,9 +138,9 @@ def stage_config_hash(cfg: Config) -> str:
     The BBQRec settings count only when they are switched on (``reweight=sid``, ``contrastive_weight > 0``,
     ``contrastive_target=sid``), the negative sampler only when BCE uses ``unseen``, the block layout
     only when it is ``post``, the loss averaging only when it is ``epoch``, the held-out last train item only
-    when it is on, the refit budget only when it is set (and then in place of the selection settings), and the item representation only
-    when it is ``id+sid``, so a plain SASRec keeps the hash it had before they existed (its recorded runs
-    stay current).
+    when it is on, the refit budget only when it is set (and then in place of the selection settings
+    ``epochs``, ``patience`` and ``eval_every``), and the item representation only when it is ``id+sid``, so a
+    plain SASRec keeps the hash it had before they existed (its recorded runs stay current).
     """
     s = cfg.sasrec
     unused = list(_OPERATIONAL)
