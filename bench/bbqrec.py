@@ -25,7 +25,7 @@ behavior embeddings e_b of BBQ), the tokenizers ``tokenize-{rqkmeans,rqvae,bbq,b
                                                                          with --seq-cl 0 it is sasrec-ce)
 
 ``--refit`` adds the train-then-refit protocol: after each chosen variant's run (which selects its epoch
-on valid) a ``<variant>-refit`` stage (``RUN/sasrec-ce-refit``, ``RUN/sasrec-<variant>-refit``) trains
+on valid) a ``<variant>-refit`` stage (``RUN/sasrec-refit``, ``RUN/sasrec-<variant>-refit``) trains
 the same config on train + valid for that run's ``best_epoch + 1`` epochs (``sasrec.refit_epochs``) and
 scores test with it; the refit variants are paired against ``sasrec-ce-refit``.
 
@@ -140,7 +140,7 @@ def run_seed(args: argparse.Namespace, seed: int, chosen: list[str]) -> tuple[li
     base = sasrec.run(cfg, run)
     rows = [_row("sasrec-ce", seed, base, time.perf_counter() - t0)] if "sasrec-ce" in chosen else []
     if args.refit and "sasrec-ce" in chosen:
-        rows.append(_refit(args, "sasrec-ce", seed, base, [], run))
+        rows.append(_refit(args, "sasrec-ce", seed, base, cfg, [], run))
     behavior = np.asarray(pq.read_table(run.stage_dir("sasrec") / "item_embeddings.parquet")
                           .column("embedding").to_pylist(), dtype=np.float32)
     quality: dict[str, dict] = {}
@@ -161,21 +161,19 @@ def run_seed(args: argparse.Namespace, seed: int, chosen: list[str]) -> tuple[li
             continue
         t0 = time.perf_counter()
         sids = run.stage_dir(f"tokenize-{tok}") if tok else None
-        res = sasrec.run(seed_config(args, seed, *extra), run, sids)
+        variant_cfg = seed_config(args, seed, *extra)
+        res = sasrec.run(variant_cfg, run, sids)
         rows.append(_row(name, seed, res, time.perf_counter() - t0))
         if args.refit:
-            rows.append(_refit(args, name, seed, res, extra, run, sids))
+            rows.append(_refit(args, name, seed, res, variant_cfg, extra, run, sids))
     return rows, quality
 
 
-def _refit(args: argparse.Namespace, name: str, seed: int, selected: Any, extra: list[str], run: RunDir,
-           sids: Path | None = None) -> dict:
-    """``<name>-refit``: the variant trained on train + valid for the epochs its run ``selected`` chose."""
+def _refit(args: argparse.Namespace, name: str, seed: int, selected: Any, cfg: Config, extra: list[str],
+           run: RunDir, sids: Path | None = None) -> dict:
+    """``<name>-refit``: the variant (``cfg``) trained on train + valid for the epochs its run ``selected`` chose."""
     t0 = time.perf_counter()
-    epochs = int(selected.metrics["best_epoch"]) + 1
-    refit_name = "ce-refit" if name == "sasrec-ce" else f"{name}-refit"  # RUN/sasrec-ce-refit, RUN/sasrec-<name>-refit
-    cfg = seed_config(args, seed, *extra, f"sasrec.refit_epochs={epochs}", f"sasrec.name={refit_name}")
-    res = sasrec.run(cfg, run, sids)
+    res = sasrec.run(seed_config(args, seed, *extra, *sasrec.refit_overrides(cfg, selected)), run, sids)
     return _row(f"{name}-refit", seed, res, time.perf_counter() - t0)
 
 

@@ -212,11 +212,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         result = sasrec.run(cfg, run_dir, sids, force=args.force)
         if getattr(args, "refit", False):
             _print_metrics(args.model, result)
-            epochs = int(result.metrics["best_epoch"]) + 1
-            name = cfg.sasrec.output_name.removeprefix(sasrec.STAGE).lstrip("-")
-            args.overrides = [*args.overrides, f"sasrec.refit_epochs={epochs}",
-                              f"sasrec.name={name + '-' if name else ''}refit"]
-            print(f"refit on train + valid for the {epochs} epochs selected on valid")
+            args.overrides = [*args.overrides, *sasrec.refit_overrides(cfg, result)]
+            print(f"refit on train + valid for the {int(result.metrics['best_epoch']) + 1} epochs selected on valid")
             result = sasrec.run(_config(args), run_dir, sids, force=args.force)
     return _print_metrics(args.model, result)
 

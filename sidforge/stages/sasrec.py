@@ -23,7 +23,8 @@ comparison with figures published under it; selection never looks at either.
 
 Train, then refit (``sasrec.refit_epochs=N``): a second stage trains on train *and* valid for the ``N``
 epochs a selection run chose (its ``best_epoch + 1``) and scores test with the last epoch; it writes no valid
-metrics and only test rows to ``ranks.parquet`` (``bench/bbqrec.py --refit`` runs the pair).
+metrics and only test rows to ``ranks.parquet`` (:func:`refit_overrides`; ``sidforge train sasrec --refit``
+and ``bench/bbqrec.py --refit`` run the pair).
 
 Training checkpoints live in ``RUN/_train/sasrec-<config hash>-<inputs hash>/`` while the stage runs; a
 stage killed mid-training resumes from its last epoch when run again with the same config and inputs
@@ -124,6 +125,14 @@ def run(cfg: Config, run_dir: RunDir, sids: str | Path | None = None, force: boo
     log.info("%s: wrote %s in %.1f s (test recall@10 %.4f)", stage, result.out_dir, result.wall_time_s,
              metrics["test"].get("recall@10", 0.0))
     return result
+
+
+def refit_overrides(cfg: Config, selected: StageResult) -> list[str]:
+    """``--set`` overrides that turn ``cfg`` into the refit of its selection run ``selected``: train + valid for
+    the ``best_epoch + 1`` epochs it chose, written to ``RUN/<its stage>-refit`` (``RUN/sasrec-refit``)."""
+    name = cfg.sasrec.output_name.removeprefix(STAGE).lstrip("-")
+    return [f"sasrec.refit_epochs={int(selected.metrics['best_epoch']) + 1}",
+            f"sasrec.name={name + '-' if name else ''}refit"]
 
 
 _OPERATIONAL = ("cpus_per_worker", "max_failures", "name")  # how a run is executed (and where it goes)
