@@ -213,8 +213,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         if getattr(args, "refit", False):
             _print_metrics(args.model, result)
             args.overrides = [*args.overrides, *sasrec.refit_overrides(cfg, result)]
-            print(f"refit on train + valid for the {int(result.metrics['best_epoch']) + 1} epochs selected on valid")
-            result = sasrec.run(_config(args), run_dir, sids, force=args.force)
+            refit_cfg = _config(args)
+            print(f"refit on train + valid for the {refit_cfg.sasrec.refit_epochs} epochs selected on valid")
+            result = sasrec.run(refit_cfg, run_dir, sids, force=args.force)
     return _print_metrics(args.model, result)
 
 

@@ -299,6 +299,15 @@ def test_the_refit_budget_counts_in_the_hash_only_when_set_and_replaces_the_sele
 
 
 @pytest.mark.ray
+def test_refit_overrides_give_best_epoch_plus_one_epochs_beside_the_selection_stage(tiny_config):
+    selected = SimpleNamespace(metrics={"best_epoch": 6})  # epochs are counted from 0
+    for name, folder in ((None, "sasrec-refit"), ("rw-bbq", "sasrec-rw-bbq-refit")):
+        cfg = tiny_config(*([f"sasrec.name={name}"] if name else []))
+        refit = tiny_config(*([f"sasrec.name={name}"] if name else []), *sasrec.refit_overrides(cfg, selected))
+        assert refit.sasrec.refit_epochs == 7 and refit.sasrec.output_name == folder
+        assert cfg.sasrec.output_name != folder  # never the selection run's own folder
+
+
 def test_a_refit_trains_on_the_valid_items_for_its_budget_and_scores_test_only(prepared, tiny_config):
     cfg = tiny_config("sasrec.epochs=3", "sasrec.patience=1")
     run = _run_dir(prepared, cfg)
