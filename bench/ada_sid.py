@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
 import time
 from pathlib import Path
 from typing import Any
@@ -55,7 +54,7 @@ from sidforge.cli import format_table
 from sidforge.platform.artifacts import RunDir
 from sidforge.platform.config import Config, load_config
 from sidforge.platform.datasets import resolve_data_dir
-from sidforge.platform.runtime import init_ray
+from sidforge.platform.runtime import init_ray, machine_description
 from sidforge.stages import embed, generative, prepare, ranker, sasrec, tokenize
 
 ADA = ["tokenize.method=ada-sid"]
@@ -218,7 +217,7 @@ def main() -> None:
         tables = summarise(per_seed)
         results = json.loads(out.read_text()) if out.is_file() else {}
         results[name] = {"config": args.config, "overrides": args.overrides,
-                         "machine": f"{platform.node()} {platform.machine()}",
+                         "machine": machine_description(),
                          "seeds": {str(s): v for s, v in per_seed.items()}, "tables": tables}
         out.write_text(json.dumps(results, indent=2, default=str))
     for key, table in summarise(per_seed).items():

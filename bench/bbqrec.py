@@ -20,6 +20,9 @@ behavior embeddings e_b of BBQ), the tokenizers ``tokenize-{rqkmeans,rqvae,bbq,b
                     contrasts with the target's semantic-ID embedding (sasrec.contrastive_target=sid)
     ...-sidemb      with --item-repr id+sid: the reweighted variants represent every item by its ID embedding
                     plus its semantic-ID embedding (sasrec.item_repr=id+sid), after any -sidcl suffix
+    ...-mm          with --item-features text,image: the reweighted variants add the items' content features
+                    (sasrec.item_features), after any other suffix; sasrec-ce-mm is SASRec-CE with them and
+                    no semantic IDs (the reweighting's ablation on the same items)
     rw-bbq-noseqcl  BBQ reweighting without the sequence-to-item loss   (only when --seq-cl > 0)
     norw-seqcl      no reweighting, sequence-to-item loss only          (only when --seq-cl > 0;
                                                                          with --seq-cl 0 it is sasrec-ce)
@@ -44,7 +47,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
 import shutil
 import time
 from pathlib import Path
@@ -58,7 +60,7 @@ from sidforge.models.semantic_ids import behavior_coherence
 from sidforge.platform.artifacts import RunDir
 from sidforge.platform.config import Config, load_config
 from sidforge.platform.datasets import resolve_data_dir
-from sidforge.platform.runtime import init_ray
+from sidforge.platform.runtime import init_ray, machine_description
 from sidforge.stages import embed, prepare, sasrec, tokenize
 
 KEYS = ("recall@5", "ndcg@5", "recall@10", "ndcg@10", "recall@20", "ndcg@20")
@@ -72,14 +74,17 @@ TOKENIZERS = {  # folder suffix -> overrides (rqkmeans/rqvae keep the config's d
 REUSABLE = ("prepare", "embed", "sasrec", "tokenize-rqkmeans", "tokenize-rqvae")
 SIDCL = "-sidcl"  # suffix of the variants (and the results key) whose sequence loss targets the semantic IDs
 SIDEMB = "-sidemb"  # suffix of the variants (and the results key) whose items are ID + semantic-ID embeddings
+MM = "-mm"  # suffix of the variants (and the results key) whose items add their content features
 
 
-def variants(seq_cl: float, target: str = "item", item_repr: str = "id") -> dict[str, tuple[str | None, list[str]]]:
+def variants(seq_cl: float, target: str = "item", item_repr: str = "id",
+             features: tuple[str, ...] = ()) -> dict[str, tuple[str | None, list[str]]]:
     """variant -> (tokenizer folder suffix or None, sasrec overrides).
 
     With ``target="sid"`` the reweighted variants contrast the sequence with the target's semantic-ID
     embedding instead of its item embedding, and carry the suffix ``-sidcl`` (their own run folders); with
-    ``item_repr="id+sid"`` they represent items by ID plus semantic-ID embeddings, suffix ``-sidemb``.
+    ``item_repr="id+sid"`` they represent items by ID plus semantic-ID embeddings, suffix ``-sidemb``; with
+    ``features`` they add the items' projected content features, suffix ``-mm``, beside ``sasrec-ce-mm``.
     """
     rw = ["sasrec.reweight=sid", f"sasrec.contrastive_weight={seq_cl}"]
     suffix = ""
@@ -87,8 +92,11 @@ def variants(seq_cl: float, target: str = "item", item_repr: str = "id") -> dict
         rw, suffix = [*rw, "sasrec.contrastive_target=sid"], SIDCL
     if item_repr == "id+sid":
         rw, suffix = [*rw, "sasrec.item_repr=id+sid"], suffix + SIDEMB
+    mm = [f"sasrec.item_features=[{','.join(features)}]"] if features else []
+    rw, suffix = [*rw, *mm], suffix + (MM if features else "")
     out: dict[str, tuple[str | None, list[str]]] = {
         "sasrec-ce": (None, []),
+        **({f"sasrec-ce{MM}": (None, mm)} if features else {}),
         f"rw-rqvae{suffix}": ("rqvae", rw),
         f"rw-bbq{suffix}": ("bbq", rw),
         f"rw-bbq-nocl{suffix}": ("bbq-nocl", rw),
@@ -144,7 +152,7 @@ def run_seed(args: argparse.Namespace, seed: int, chosen: list[str]) -> tuple[li
     behavior = np.asarray(pq.read_table(run.stage_dir("sasrec") / "item_embeddings.parquet")
                           .column("embedding").to_pylist(), dtype=np.float32)
     quality: dict[str, dict] = {}
-    table = variants(args.seq_cl, args.seq_cl_target, args.item_repr)
+    table = variants(args.seq_cl, args.seq_cl_target, args.item_repr, args.item_features)
     needed = {tok for name, (tok, _) in table.items() if name in chosen and tok}
     for name, extra in TOKENIZERS.items():
         if not args.tokenizers_only and name not in needed and name != "rqkmeans":
@@ -250,6 +258,8 @@ def main() -> None:
                     help="what the reweighted variants' sequence-to-item loss contrasts with (sid: -sidcl variants)")
     ap.add_argument("--item-repr", choices=["id", "id+sid"], default="id",
                     help="item representation of the reweighted variants (id+sid: -sidemb variants)")
+    ap.add_argument("--item-features", type=lambda v: tuple(m for m in v.split(",") if m), default=(),
+                    help="embed modalities the reweighted variants add to their items, e.g. text,image (-mm variants)")
     ap.add_argument("--variants", default="", help="comma-separated subset of the variants (default: all)")
     ap.add_argument("--tokenizers-only", action="store_true", help="fit the tokenizers and print their table only")
     ap.add_argument("--refit", action="store_true",
@@ -258,7 +268,7 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     init_ray(num_cpus=2)
-    all_variants = list(variants(args.seq_cl, args.seq_cl_target, args.item_repr))
+    all_variants = list(variants(args.seq_cl, args.seq_cl_target, args.item_repr, args.item_features))
     chosen = [v for v in args.variants.split(",") if v] or all_variants
     unknown = set(chosen) - set(all_variants)
     if unknown:
@@ -266,7 +276,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     name = (load_config(args.config).name + (SIDCL if args.seq_cl_target == "sid" else "")
-            + (SIDEMB if args.item_repr == "id+sid" else ""))
+            + (SIDEMB if args.item_repr == "id+sid" else "") + (MM if args.item_features else ""))
     rows: list[dict] = []
     quality: dict[int, dict[str, dict]] = {}
     pairs: dict[str, list[dict]] = {}
@@ -276,8 +286,9 @@ def main() -> None:
         pairs = paired(rows)
         results = json.loads(out.read_text()) if out.is_file() else {}
         results[name] = {"config": args.config, "overrides": args.overrides, "seq_cl": args.seq_cl,
-                         "seq_cl_target": args.seq_cl_target, "item_repr": args.item_repr, "refit": args.refit,
-                         "machine": f"{platform.node()} {platform.machine()}", "runs": rows,
+                         "seq_cl_target": args.seq_cl_target, "item_repr": args.item_repr, "item_features": args.item_features,
+                         "refit": args.refit,
+                         "machine": machine_description(), "runs": rows,
                          "summary": summarise(rows), "paired": pairs,
                          "tokenizers": {str(s): q for s, q in quality.items()}}
         out.write_text(json.dumps(results, indent=2, default=str))

@@ -45,6 +45,7 @@ from sidforge.models.generative import TIGER, ItemTrie, TIGERConfig, beam_search
 from sidforge.models.quantizers import residual_kmeans
 from sidforge.models.semantic_ids import collision_digits
 from sidforge.platform.config import load_config
+from sidforge.platform.runtime import machine_description
 from sidforge.stages import generative
 
 BEAUTY_ITEMS, BEAUTY_USERS, BEAUTY_MEAN_LEN = 12_101, 22_363, 8.88
@@ -196,7 +197,7 @@ def main() -> None:
     beam_rows = bench_beam(model, codes, args)
     train = bench_train(model, codes, args) if args.epochs or args.train_steps else None
     result = {
-        "machine": f"{platform.node()} {platform.machine()}", "cpus": os.cpu_count(), "threads": args.threads,
+        "machine": machine_description(), "cpus": os.cpu_count(), "threads": args.threads,
         "python": platform.python_version(), "torch": torch.__version__,
         "command": " ".join(shlex.quote(a) for a in [".venv/bin/python", *sys.argv]),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "config": args.config, "catalogue": source,

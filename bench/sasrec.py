@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
 import time
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from sidforge.cli import format_table
 from sidforge.platform.artifacts import RunDir
 from sidforge.platform.config import load_config
 from sidforge.platform.datasets import resolve_data_dir
-from sidforge.platform.runtime import init_ray
+from sidforge.platform.runtime import init_ray, machine_description
 from sidforge.stages import prepare, sasrec
 
 KEYS = ("recall@5", "ndcg@5", "recall@10", "ndcg@10", "recall@20", "ndcg@20")
@@ -106,7 +105,7 @@ def main() -> None:
             summary = summarise(rows)
             out.write_text(json.dumps({"config": args.config, "overrides": args.overrides,
                                        "bce_recipe": args.bce_recipe,
-                                       "machine": f"{platform.node()} {platform.machine()}",
+                                       "machine": machine_description(),
                                        "runs": rows, "summary": summary}, indent=2))
     table = []
     for loss, e in summarise(rows).items():

@@ -434,8 +434,10 @@ def _report(args: argparse.Namespace, plan: ServingPlan, floor_stats: dict[str, 
         print(f"kill: replica {k['victim']} killed at {k['killed_at_s']} s; errors after the kill "
               f"{k['errors_after_kill']}; replacement running after {k['replacement_running_after_s']} s; "
               f"p99 in the 5 s after the kill {k['after_kill_5s'].get('p99_ms')} ms")
+    from sidforge.platform.runtime import machine_description
+
     payload = {
-        "machine": f"{platform.node()} {platform.machine()}", "cpus": os.cpu_count(),
+        "machine": machine_description(), "cpus": os.cpu_count(),
         "python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__,
         "command": " ".join(shlex.quote(a) for a in [".venv/bin/python", *sys.argv]),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "run_dir": str(plan.run_dir), "model_version": plan.version,

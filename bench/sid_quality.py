@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from sidforge.models.quantizers import pca_projection, residual_kmeans
 from sidforge.platform.artifacts import RunDir
 from sidforge.platform.config import load_config
 from sidforge.platform.datasets import resolve_data_dir
+from sidforge.platform.runtime import machine_description
 from sidforge.stages import tokenize
 
 
@@ -106,7 +106,7 @@ def main() -> None:
     import faiss
     import torch
 
-    result = {"machine": f"{platform.node()} {platform.machine()}, {faiss.omp_get_max_threads()} faiss threads, "
+    result = {"machine": f"{machine_description()}, {faiss.omp_get_max_threads()} faiss threads, "
                          f"{torch.get_num_threads()} torch threads",
               "command": " ".join(sys.argv), "config": args.config, "overrides": args.overrides}
     if not args.skip_benchmark:

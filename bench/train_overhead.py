@@ -44,7 +44,7 @@ from sidforge.models.sasrec import SASRec, SASRecConfig
 from sidforge.platform.artifacts import RunDir
 from sidforge.platform.config import load_config
 from sidforge.platform.datasets import resolve_data_dir
-from sidforge.platform.runtime import init_ray
+from sidforge.platform.runtime import init_ray, machine_description
 from sidforge.platform.training import RunSettings, ScalingSettings, WorkerContext, fit, remove_run
 from sidforge.stages import prepare, sasrec
 
@@ -257,7 +257,7 @@ def main() -> None:
     runner = summary["ray-train-1w"]["ratio"]
     command = " ".join(shlex.quote(a) for a in [".venv/bin/python", *sys.argv])
     payload = {
-        "machine": f"{platform.node()} {platform.machine()}", "cpus": os.cpu_count(),
+        "machine": machine_description(), "cpus": os.cpu_count(),
         "python": platform.python_version(), "torch": torch.__version__, "ray": _ray_version(),
         "command": command, "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "config": args.config, "overrides": args.overrides, "epochs": args.epochs, "threads": args.threads,

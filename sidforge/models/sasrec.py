@@ -22,7 +22,7 @@ Conventions (our choices where the paper leaves them open):
   ``LN(x + FFN(x))``, a layer norm on the input embeddings and none at the end): the implementation behind
   the full-ranking Beauty figures that the literature quotes for SASRec.
 * **Output layer.** Tied to the item embedding: the score of item j is ``<h_t, E[j]>`` (``E`` is the item
-  representation of :meth:`SASRec.embed_items`, the ID embedding unless ``item_repr="id+sid"``).
+  representation of :meth:`SASRec.embed_items`: the ID embedding, plus the parts below when they are on).
 
 BBQRec's additions (our choices where the paper's summary is silent):
 
@@ -46,6 +46,13 @@ BBQRec's additions (our choices where the paper's summary is silent):
   table), wherever the model uses items: the input sequence, the output scores and the loss targets. Items
   that share codes then share parameters, so a rarely seen item starts from what its code neighbours
   learned. The default ``"id"`` is the plain ID embedding.
+* **Content features** (``feature_dim > 0``): BBQRec keeps the items' multimodal representations in the
+  sequence model and uses the semantic IDs to reweight its attention, rather than replacing the items by
+  their IDs. Our reading: every item's frozen content features (text, image: the embed stage's vectors,
+  concatenated) pass through one learned linear map to the model width and are added to its item
+  representation, again wherever the model uses items. A rarely or never seen item is then represented by
+  what it looks like. The projection is drawn after every other weight, so the rest of the model starts
+  as the plain one of the same seed.
 """
 
 from __future__ import annotations
@@ -96,6 +103,9 @@ class SASRecConfig:
         item_repr: ``"id"`` (an item is its ID embedding) or ``"id+sid"`` (its ID embedding plus the sum of
             its per-level code embeddings, in the input, the output scores and the targets; needs
             ``sid_levels`` and ``sid_codebook_size``).
+        feature_dim: width of the frozen per-item content features added (through a learned linear map)
+            to every item representation; 0 = none. The features are a buffer (``item_features``), given
+            to the constructor or to :meth:`SASRec.set_item_features`, and saved with the state dict.
     """
 
     num_items: int
@@ -120,6 +130,7 @@ class SASRecConfig:
     contrastive_target: Literal["item", "sid"] = "item"
     sid_codebook_size: int = 0
     item_repr: Literal["id", "id+sid"] = "id"
+    feature_dim: int = 0
 
     def __post_init__(self) -> None:
         if self.num_items < 2:
@@ -163,6 +174,8 @@ class SASRecConfig:
         if self.item_repr == "id+sid" and (self.sid_levels < 1 or self.sid_codebook_size < 1):
             raise ValueError("item_repr='id+sid' needs semantic IDs: set sid_levels (L) and "
                              "sid_codebook_size (K, the largest code + 1)")
+        if self.feature_dim < 0:
+            raise ValueError(f"feature_dim={self.feature_dim} must be >= 0 (0 = no content features)")
 
     @property
     def uses_sid_embeddings(self) -> bool:
@@ -373,9 +386,12 @@ class SASRec(nn.Module):
         sid_codes: with ``config.sid_levels > 0``: optional ``(num_items, L)`` long semantic-ID codes
             (-1 = no code at that level); they can also be set later (:meth:`set_sid_codes`) or loaded
             with the state dict (buffer ``sid_codes``).
+        item_features: with ``config.feature_dim > 0``: optional ``(num_items, feature_dim)`` float content
+            features (set later with :meth:`set_item_features`, or loaded with the state dict).
     """
 
-    def __init__(self, config: SASRecConfig, sid_codes: Tensor | None = None) -> None:
+    def __init__(self, config: SASRecConfig, sid_codes: Tensor | None = None,
+                 item_features: Tensor | None = None) -> None:
         super().__init__()
         self.config = config
         self.item_emb = nn.Embedding(config.num_items + 1, config.hidden, padding_idx=config.pad_id)
@@ -402,10 +418,20 @@ class SASRec(nn.Module):
             pad = config.sid_levels * config.sid_codebook_size
             self.sid_code_emb = nn.Embedding(pad + 1, config.hidden, padding_idx=pad)
             self._init_weights(self.sid_code_emb)
+        self.feature_proj: nn.Linear | None = None
+        if config.feature_dim:
+            # the pad row stays zero; drawn last, so the rest of the model is the plain one of the same seed
+            self.register_buffer("item_features", torch.zeros(config.num_items + 1, config.feature_dim))
+            self.feature_proj = nn.Linear(config.feature_dim, config.hidden, bias=False)
+            self._init_weights(self.feature_proj)
         if sid_codes is not None:
             if not config.sid_levels:
                 raise ValueError("sid_codes given but config.sid_levels=0; set sid_levels to the codes' L")
             self.set_sid_codes(sid_codes)
+        if item_features is not None:
+            if not config.feature_dim:
+                raise ValueError("item_features given but config.feature_dim=0; set feature_dim to their width")
+            self.set_item_features(item_features)
 
     @torch.no_grad()
     def set_sid_codes(self, codes: Tensor) -> None:
@@ -419,6 +445,17 @@ class SASRec(nn.Module):
             raise ValueError(f"sid_codes hold code {int(codes.max())} but sid_codebook_size={k}; set it to the "
                              "largest code + 1")
         self.sid_codes[:n] = codes.to(self.sid_codes.device, torch.long)
+
+    @torch.no_grad()
+    def set_item_features(self, features: Tensor) -> None:
+        """Copy ``(num_items, feature_dim)`` content features in (the pad row stays zero)."""
+        n, dim = self.config.num_items, self.config.feature_dim
+        if tuple(features.shape) != (n, dim):
+            raise ValueError(f"item_features must have shape (num_items, feature_dim) = ({n}, {dim}), "
+                             f"got {tuple(features.shape)}")
+        if not bool(torch.isfinite(features).all()):
+            raise ValueError("item_features hold NaN or inf; check the embeddings they come from")
+        self.item_features[:n] = features.to(self.item_features.device, self.item_features.dtype)
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear):
@@ -529,7 +566,8 @@ class SASRec(nn.Module):
         return self.sid_code_emb(rows).sum(dim=-2)
 
     def embed_items(self, item_ids: Tensor) -> Tensor:
-        """Item representations: the ID embedding, plus the semantic-ID embedding with ``item_repr="id+sid"``.
+        """Item representations: the ID embedding, plus the semantic-ID embedding with ``item_repr="id+sid"``
+        and the projected content features with ``feature_dim > 0``.
 
         Args:
             item_ids: long item ids of any shape ``S`` (the pad id gives zeros).
@@ -540,17 +578,19 @@ class SASRec(nn.Module):
         emb = self.item_emb(item_ids)
         if self.config.item_repr == "id+sid":
             emb = emb + self.sid_embeddings(item_ids)
+        if self.feature_proj is not None:
+            emb = emb + self.feature_proj(self.item_features[item_ids])
         return emb
 
     def item_embeddings(self) -> Tensor:
         """The item (behavior) embeddings the model scores with, without the pad row.
 
         Returns:
-            ``(num_items, H)``: with ``item_repr="id"`` a view of the embedding parameter (row j is item j),
-            with ``"id+sid"`` the ID plus semantic-ID embeddings; call ``.detach()`` before storing it
-            outside the model.
+            ``(num_items, H)``: with ``item_repr="id"`` and no content features a view of the embedding
+            parameter (row j is item j), else the sum :meth:`embed_items` gives; call ``.detach()`` before
+            storing it outside the model.
         """
-        if self.config.item_repr == "id":
+        if self.config.item_repr == "id" and self.feature_proj is None:
             return self.item_emb.weight[: self.config.num_items]
         return self.embed_items(torch.arange(self.config.num_items, device=self.item_emb.weight.device))
 

@@ -274,6 +274,11 @@ class SASRecTrainConfig:
             by many items and takes their gradients, so it fits faster than an item's ID row; this holds it
             back on its own. ``None`` gives the table ``weight_decay`` like every other weight. Ignored (and
             left out of the stage hash) by a model without the table, like ``negatives`` by ``ce``.
+        item_features: embed modalities (``[text]``, ``[text, image]``) whose frozen vectors
+            (``RUN/embed/item_embeddings.parquet``, concatenated; a missing image is a zero row) pass through
+            a learned linear map and are added to every item representation, in the input, the output
+            scores and the targets: the multimodal item representation BBQRec's sequence model keeps beside
+            the semantic-ID reweighting. Empty (the default) is the ID-only SASRec. Needs ``sidforge embed``.
         hold_out_last_train: leave each user's most recent train interaction out of the training
             sequences; it stays in the valid and test histories. The test case's input ends with the valid
             item, which the model never trained on; with this the valid case's input ends the same way
@@ -325,6 +330,7 @@ class SASRecTrainConfig:
     contrastive_target: Literal["item", "sid"] = "item"
     item_repr: Literal["id", "id+sid"] = "id"
     sid_weight_decay: Union[float, None] = None
+    item_features: list[str] = field(default_factory=list)
 
     @property
     def unseen_negatives(self) -> bool:
@@ -366,6 +372,9 @@ class SASRecTrainConfig:
         if self.item_repr == "id+sid" and self.reweight != "sid":
             raise ConfigError("sasrec.item_repr=id+sid reads the semantic IDs of sasrec.reweight=sid: set "
                               "reweight=sid (with --sids RUN/tokenize-<name>) or item_repr=id")
+        if len(set(self.item_features)) != len(self.item_features) or not all(self.item_features):
+            raise ConfigError(f"sasrec.item_features={self.item_features} must name each embed modality once "
+                              "(e.g. [text] or [text, image])")
 
     @property
     def output_name(self) -> str:

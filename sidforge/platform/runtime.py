@@ -103,3 +103,24 @@ def use_gpu(num_workers: int = 1) -> bool:
     import ray
 
     return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) >= max(1, num_workers)
+
+
+def machine_description() -> str:
+    """One line naming where a measurement ran: host, architecture, CPU model and cores, and the versions of
+    the numeric libraries whose kernels can move a figure (torch, numpy, faiss), for benchmark results."""
+    import platform
+    from importlib import metadata
+
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    versions = []
+    for dist in ("torch", "numpy", "faiss-cpu"):
+        try:
+            versions.append(f"{dist} {metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            continue
+    return f"{platform.node()} {platform.machine()}, {cpu}, {os.cpu_count()} cores, {', '.join(versions)}"

@@ -36,7 +36,10 @@ items (:class:`sidforge.models.sasrec.SIDSimilarityBias`), reading the ``codes``
 ``sids.parquet`` (the semantic levels; the collision digit is an arbitrary rank, so equal digits say nothing
 about two items). A variant with ``sasrec.name`` writes ``RUN/sasrec-<name>/`` (a reweighted one without a
 name ``RUN/sasrec-sid/``), so ``RUN/sasrec``, the behavior embeddings the tokenizers read, stays the plain
-model; its metrics add the learned level weights.
+model; its metrics add the learned level weights. With ``sasrec.item_features`` (e.g. ``[text, image]``) the
+model also reads the embed stage's vectors of those modalities (``RUN/embed/item_embeddings.parquet``) and adds
+their learned projection to every item representation (BBQRec's multimodal items; see
+:class:`sidforge.models.sasrec.SASRecConfig`).
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ from sidforge.models.sasrec import SASRec, SASRecConfig, sample_unseen_negatives
 from sidforge.platform.artifacts import (
     RunDir,
     StageResult,
+    fingerprint_files,
     prepare_fingerprints,
     sids_fingerprints,
 )
@@ -104,15 +108,16 @@ def run(cfg: Config, run_dir: RunDir, sids: str | Path | None = None, force: boo
     stage = cfg.sasrec.output_name
     sids = _sids_folder(cfg, sids)
     config_hash = stage_config_hash(cfg)
-    inputs = _input_fingerprints(run_dir, sids)
+    inputs = _input_fingerprints(run_dir, sids, bool(cfg.sasrec.item_features))
     if not force and (cached := run_dir.cached(stage, config_hash, inputs)) is not None:
         return cached
     refit = cfg.sasrec.refit_epochs > 0
     data = load_sequences(run_dir.stage_dir("prepare"), cfg.sasrec.max_len, cfg.sasrec.hold_out_last_train,
                           include_valid=refit)
     codes = load_codes(sids, data.num_items) if sids is not None else None
+    features = load_item_features(run_dir, cfg.sasrec.item_features, data.num_items)
     train_run = _run_settings(cfg, run_dir, stage, config_hash, inputs)
-    config = loop_config(cfg, data, codes)
+    config = loop_config(cfg, data, codes, features)
     result = fit(train_sasrec, config,
                  ScalingSettings(cfg.sasrec.num_workers, cpus_per_worker=cfg.sasrec.cpus_per_worker),
                  train_run, fresh=force)
@@ -148,8 +153,9 @@ def stage_config_hash(cfg: Config) -> str:
     ``contrastive_target=sid``), the negative sampler only when BCE uses ``unseen``, the block layout
     only when it is ``post``, the loss averaging only when it is ``epoch``, the held-out last train item only
     when it is on, the refit budget only when it is set (and then in place of the selection settings
-    ``epochs``, ``patience`` and ``eval_every``), and the item representation only when it is ``id+sid``, so a
-    plain SASRec keeps the hash it had before they existed (its recorded runs stay current).
+    ``epochs``, ``patience`` and ``eval_every``), the item representation only when it is ``id+sid`` and the
+    content features only when some are named, so a plain SASRec keeps the hash it had before they existed
+    (its recorded runs stay current).
     """
     s = cfg.sasrec
     unused = list(_OPERATIONAL)
@@ -173,6 +179,8 @@ def stage_config_hash(cfg: Config) -> str:
         unused.append("sid_weight_decay")
     if not s.hold_out_last_train:
         unused.append("hold_out_last_train")
+    if not s.item_features:
+        unused.append("item_features")
     if not s.refit_epochs:
         unused.append("refit_epochs")
     else:  # the refit trains a fixed budget: the selection settings do not reach its outputs
@@ -196,10 +204,16 @@ def _sids_folder(cfg: Config, sids: str | Path | None) -> Path | None:
     return Path(sids).expanduser().resolve()
 
 
-def _input_fingerprints(run_dir: RunDir, sids: Path | None = None) -> dict[str, str]:
+def _input_fingerprints(run_dir: RunDir, sids: Path | None = None, features: bool = False) -> dict[str, str]:
     out = prepare_fingerprints(run_dir)
     if sids is not None:
         out.update(sids_fingerprints(run_dir, sids))
+    if features:
+        path = run_dir.stage_dir("embed") / "item_embeddings.parquet"
+        if not path.is_file():
+            raise DataError(f"sasrec.item_features reads {path}: run `sidforge embed` first (or set "
+                            "sasrec.item_features=[])")
+        out.update(fingerprint_files([path], root=run_dir.path))
     return out
 
 
@@ -317,6 +331,29 @@ def load_codes(sids: Path, num_items: int) -> np.ndarray:
     return codes
 
 
+def load_item_features(run_dir: RunDir, modalities: Sequence[str], num_items: int) -> np.ndarray | None:
+    """The named embed modalities of every item, concatenated: ``(num_items, D)`` float32, or ``None`` for none.
+
+    An item without a vector of a modality (no image) has zeros there, as the embed stage writes it.
+    """
+    if not modalities:
+        return None
+    from sidforge.stages.embed import load_embeddings
+
+    emb = load_embeddings(run_dir)
+    missing = [m for m in modalities if m not in emb.vectors]
+    if missing:
+        raise DataError(f"sasrec.item_features: {missing} not in {run_dir.stage_dir('embed')} (it has "
+                        f"{sorted(emb.vectors)}); name embed modalities or re-run `sidforge embed`")
+    if not np.array_equal(emb.item_id, np.arange(num_items)):
+        raise DataError(f"{run_dir.stage_dir('embed')}: the embeddings must list item ids 0..{num_items - 1} in "
+                        "order, as prepare does; re-run `sidforge embed` on this run")
+    x = np.concatenate([emb.vectors[m] for m in modalities], axis=1).astype(np.float32)
+    if not np.isfinite(x).all():
+        raise DataError(f"{run_dir.stage_dir('embed')}: the embeddings contain NaN or inf; re-run `sidforge embed`")
+    return x
+
+
 def load_sequences(prepare_dir: Path, max_len: int, hold_out_last_train: bool = False,
                    include_valid: bool = False) -> Sequences:
     """:func:`build_sequences` over ``RUN/prepare``."""
@@ -335,8 +372,10 @@ def load_sequences(prepare_dir: Path, max_len: int, hold_out_last_train: bool = 
 # the per-worker training loop
 
 
-def loop_config(cfg: Config, data: Sequences, codes: np.ndarray | None = None) -> dict[str, Any]:
-    """What :func:`train_sasrec` receives: model fields, optimiser settings, the data and the SID codes."""
+def loop_config(cfg: Config, data: Sequences, codes: np.ndarray | None = None,
+                features: np.ndarray | None = None) -> dict[str, Any]:
+    """What :func:`train_sasrec` receives: model fields, optimiser settings, the data, the SID codes and the
+    content features."""
     s = cfg.sasrec
     model = SASRecConfig(num_items=data.num_items, max_len=s.max_len, hidden=s.hidden, num_layers=s.layers,
                          num_heads=s.heads, ffn_hidden=s.ffn_hidden, dropout=s.dropout, loss=s.loss, norm=s.norm,
@@ -348,13 +387,14 @@ def loop_config(cfg: Config, data: Sequences, codes: np.ndarray | None = None) -
                          contrastive_target=s.contrastive_target,
                          item_repr=s.item_repr,
                          sid_codebook_size=int(codes.max()) + 1 if codes is not None and (
-                             s.contrastive_target == "sid" or s.item_repr == "id+sid") else 0)
+                             s.contrastive_target == "sid" or s.item_repr == "id+sid") else 0,
+                         feature_dim=0 if features is None else features.shape[1])
     return {"model": dataclasses.asdict(model), "lr": s.lr, "weight_decay": s.weight_decay,
             "sid_weight_decay": s.sid_weight_decay, "batch_size": s.batch_size, "loss_average": s.loss_average,
             "epochs": s.refit_epochs or s.epochs, "eval_every": s.eval_every, "refit": s.refit_epochs > 0,
             "unseen_negatives": s.unseen_negatives,
             "exclude_history": s.exclude_history, "seed": cfg.seed if s.seed is None else s.seed, "data": data,
-            "sid_codes": codes}
+            "sid_codes": codes, "item_features": features}
 
 
 def _param_groups(model: SASRec, config: dict[str, Any]) -> Any:
@@ -371,8 +411,9 @@ def train_sasrec(ctx: WorkerContext, config: dict[str, Any]) -> dict[str, Any]:
     """Per-worker loop: train, evaluate on valid, checkpoint each epoch; then score the best epoch."""
     data: Sequences = config["data"]
     torch.manual_seed(config["seed"])  # identical init on every rank
-    codes = config.get("sid_codes")
-    model = SASRec(SASRecConfig(**config["model"]), None if codes is None else torch.from_numpy(codes))
+    codes, features = config.get("sid_codes"), config.get("item_features")
+    model = SASRec(SASRecConfig(**config["model"]), None if codes is None else torch.from_numpy(codes),
+                   None if features is None else torch.from_numpy(features))
     if (state := ctx.load_checkpoint()) is not None:
         model.load_state_dict(state["model"])
     step = ctx.prepare_model(model, method="loss")
@@ -574,9 +615,9 @@ def _write_outputs(out: Path, result: FitResult, data: Sequences, model_config: 
     if result.best_checkpoint is None:
         raise RuntimeError(f"sasrec: the best checkpoint (epoch {result.best_epoch}) is missing under {result.path}")
     state = load_state(result.best_checkpoint)["model"]
-    if model_config["item_repr"] == "id":
+    if model_config["item_repr"] == "id" and not model_config.get("feature_dim"):
         emb = state["item_emb.weight"][: data.num_items].float().numpy()  # (num_items, H), pad row dropped
-    else:  # the ID plus semantic-ID embeddings the model scores with
+    else:  # the ID plus semantic-ID (and content) embeddings the model scores with
         model = SASRec(SASRecConfig(**model_config))
         model.load_state_dict(state)
         with torch.no_grad():

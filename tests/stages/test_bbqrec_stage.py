@@ -218,6 +218,52 @@ def test_items_can_be_id_plus_sid_embeddings_which_the_outputs_hold_and_the_hash
         _config(run_dir, *reweighted, "sasrec.item_repr=sid")
 
 
+def test_items_can_carry_their_content_features_which_travel_with_the_model_and_count_as_an_input(built, tmp_path):
+    run_dir = _copy(built, tmp_path)
+    run = RunDir(run_dir)
+    reweighted = ("sasrec.reweight=sid", "sasrec.name=mm", "sasrec.epochs=2", "sasrec.contrastive_weight=0.1")
+    cfg = _config(run_dir, *reweighted, "sasrec.item_features=[content]")
+    res = sasrec.run(cfg, run, run_dir / "tokenize-bbq")
+    content, _ = _embeddings(run_dir)
+    saved = torch.load(res.out_dir / "model.pt", weights_only=False)
+    assert saved["config"]["feature_dim"] == content.shape[1]
+    model = SASRec(SASRecConfig(**saved["config"]))
+    model.load_state_dict(saved["state_dict"])  # the features travel with the model, the pad row zero
+    assert np.array_equal(model.item_features[:-1].numpy(), content) and not model.item_features[-1].any()
+    written = np.asarray(pq.read_table(res.out_dir / "item_embeddings.parquet").column("embedding").to_pylist())
+    with torch.no_grad():
+        assert np.allclose(written, model.item_embeddings().numpy(), atol=1e-6)
+        assert not np.allclose(written, model.item_emb.weight[: len(content)].numpy(), atol=1e-3)
+    # the embeddings are an input: recorded, and another embed trains the variant again
+    assert "embed/item_embeddings.parquet" in run.read_manifest().stages["sasrec-mm"].inputs
+    assert sasrec.run(cfg, run, run_dir / "tokenize-bbq").skipped
+    table = pq.read_table(run_dir / "embed" / "item_embeddings.parquet")
+    shifted = ItemEmbeddings(np.arange(len(content)), {"content": content + 1.0}).to_table()
+    pq.write_table(shifted, run_dir / "embed" / "item_embeddings.parquet")
+    assert not run.is_current("sasrec-mm", sasrec.stage_config_hash(cfg),
+                              sasrec._input_fingerprints(run, run_dir / "tokenize-bbq", True))
+    pq.write_table(table, run_dir / "embed" / "item_embeddings.parquet")
+    # counted in the hash only when named: recorded runs keep theirs
+    plain = _config(run_dir, *reweighted)
+    assert sasrec.stage_config_hash(plain) == sasrec.stage_config_hash(_config(run_dir, *reweighted, "sasrec.item_features=[]"))
+    assert sasrec.stage_config_hash(plain) != sasrec.stage_config_hash(cfg)
+    # a plain SASRec can carry them too (the reweighting's ablation on the same items)
+    assert sasrec.loop_config(_config(run_dir, "sasrec.item_features=[content]"), sasrec.load_sequences(
+        run_dir / "prepare", 8), features=content)["model"]["feature_dim"] == content.shape[1]
+
+
+def test_content_features_name_what_is_missing(built, tmp_path):
+    run_dir = _copy(built, tmp_path)
+    with pytest.raises(DataError, match=r"\['image'\] not in .* \['content'\]"):
+        sasrec.run(_config(run_dir, "sasrec.item_features=[image]", "sasrec.name=img"), RunDir(run_dir))
+    with pytest.raises(ConfigError, match="each embed modality once"):
+        _config(run_dir, "sasrec.item_features=[content, content]")
+    shutil.rmtree(run_dir / "embed")
+    with pytest.raises(DataError, match="run `sidforge embed` first"):
+        sasrec.run(_config(run_dir, "sasrec.item_features=[content]", "sasrec.name=mm"), RunDir(run_dir))
+    assert not (run_dir / "sasrec-img").exists() and not (run_dir / "sasrec-mm").exists()
+
+
 def test_the_code_table_can_have_its_own_weight_decay_which_touches_nothing_else(built, tmp_path):
     run_dir = _copy(built, tmp_path)
     reweighted = ("sasrec.reweight=sid", "sasrec.item_repr=id+sid", "sasrec.lr=0.01")
