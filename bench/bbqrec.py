@@ -26,6 +26,8 @@ behavior embeddings e_b of BBQ), the tokenizers ``tokenize-{rqkmeans,rqvae,bbq,b
     rw-bbq-noseqcl  BBQ reweighting without the sequence-to-item loss   (only when --seq-cl > 0)
     norw-seqcl      no reweighting, sequence-to-item loss only          (only when --seq-cl > 0;
                                                                          with --seq-cl 0 it is sasrec-ce)
+    norw-bbq-sidcl  BBQRec with the SID-target loss and its reweighting fixed at 0 (with --seq-cl-target sid;
+                    suffixed like the reweighted variants): everything of BBQRec but the reweighting
 
 ``--refit`` adds the train-then-refit protocol: after each chosen variant's run (which selects its epoch
 on valid) a ``<variant>-refit`` stage (``RUN/sasrec-refit``, ``RUN/sasrec-<variant>-refit``) trains
@@ -102,9 +104,12 @@ def variants(seq_cl: float, target: str = "item", item_repr: str = "id",
         f"rw-bbq-nocl{suffix}": ("bbq-nocl", rw),
         f"rw-bbq-nomi{suffix}": ("bbq-nomi", rw),
     }
+    if target == "sid" and seq_cl > 0:  # BBQRec with its reweighting fixed at 0: the rest (SID loss, items) kept
+        out[f"norw-bbq{suffix}"] = ("bbq", [*rw, "sasrec.reweight_init=0", "sasrec.reweight_learned=false"])
     if seq_cl > 0:
-        out["rw-bbq-noseqcl"] = ("bbq", ["sasrec.reweight=sid", "sasrec.contrastive_weight=0"])
-        out["norw-seqcl"] = (None, [f"sasrec.contrastive_weight={seq_cl}"])
+        mm_suffix = MM if features else ""
+        out[f"rw-bbq-noseqcl{mm_suffix}"] = ("bbq", ["sasrec.reweight=sid", "sasrec.contrastive_weight=0", *mm])
+        out[f"norw-seqcl{mm_suffix}"] = (None, [f"sasrec.contrastive_weight={seq_cl}", *mm])
     return {name: (tok, [*o, f"sasrec.name={name}"] if name != "sasrec-ce" else o) for name, (tok, o) in out.items()}
 
 

@@ -7,7 +7,8 @@ everything else comes from the experiment YAML and ``--set`` overrides:
 preset     steps (each a stage of ``sidforge/stages``, wired here; stages never call each other)
 =========  ==========================================================================================
 savior     prepare → embed → align (SaviorEnc) → tokenize over z → ranker (MBA, bi-directional)
-bbq        prepare → embed → sasrec (e_b) → tokenize bbq → sasrec reweighted by the BBQ IDs
+bbq        prepare → embed → sasrec (e_b) → tokenize bbq → sasrec reweighted by the BBQ IDs, its items
+           carrying the content features of the modalities the tokenizer binds
 ada-sid    prepare → embed → sasrec (e_b) → tokenize ada-sid → ranker (SID features) → generative
 tiger      prepare → embed → tokenize rqvae → generative (baseline)
 sasrec     prepare → sasrec (baseline)
@@ -112,11 +113,16 @@ def stage_workers(cfg: Config, stage: str) -> int:
 
 @dataclass(frozen=True)
 class Step:
-    """One pipeline step: a stage, what it is for, and values only this step sets."""
+    """One pipeline step: a stage, what it is for, and values only this step sets.
+
+    ``derived`` computes more such values from the config the step would run with otherwise (e.g. the
+    modalities a tokenizer reads), applied last like ``values``.
+    """
 
     stage: str
     role: str
     values: dict[str, Any] = field(default_factory=dict)
+    derived: Callable[[Config], dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)
@@ -129,7 +135,18 @@ class Preset:
     steps: tuple[Step, ...]
 
 
-_BEHAVIOR = Step("sasrec", "behavior", {"sasrec.reweight": "none", "sasrec.name": ""})
+# the behavior model e_b the tokenizers read is always plain SASRec, whatever the preset sets for the downstream one
+_BEHAVIOR = Step("sasrec", "behavior", {"sasrec.reweight": "none", "sasrec.name": "", "sasrec.contrastive_weight": 0.0,
+                                        "sasrec.contrastive_target": "item", "sasrec.item_repr": "id",
+                                        "sasrec.item_features": []})
+
+
+def _bbq_items(cfg: Config) -> dict[str, Any]:
+    """BBQRec's sequence model keeps the items' multimodal content beside the IDs: the tokenizer's modalities
+    (``tokenize.modalities``; none named leaves the items as configured in ``sasrec.item_features``)."""
+    if cfg.sasrec.item_features or not cfg.tokenize.modalities:
+        return {}
+    return {"sasrec.item_features": list(cfg.tokenize.modalities)}
 
 PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset("savior", "SaviorRec: co-click aligned z, RQ-VAE IDs over z, ranker with MBA and bi-directional attention",
@@ -137,10 +154,12 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
             "ranker.attention": "bidirectional"},
            (Step("prepare", "data"), Step("embed", "content"), Step("align", "align"),
             Step("tokenize", "semantic IDs"), Step("ranker", "downstream"))),
-    Preset("bbq", "BBQRec: behavior-bind IDs, SASRec with attention reweighted by SID similarity",
-           {"tokenize.method": "bbq", "tokenize.source": "embed"},
+    Preset("bbq", "BBQRec: behavior-bind IDs, SASRec over multimodal items with attention reweighted by SID "
+           "similarity and the sequence-to-item loss",
+           {"tokenize.method": "bbq", "tokenize.source": "embed", "sasrec.contrastive_weight": 0.1},
            (Step("prepare", "data"), Step("embed", "content"), _BEHAVIOR, Step("tokenize", "semantic IDs"),
-            Step("sasrec", "downstream", {"sasrec.reweight": "sid"}))),
+            Step("sasrec", "downstream", {"sasrec.reweight": "sid", "sasrec.contrastive_target": "sid"},
+                 derived=_bbq_items))),
     Preset("ada-sid", "ADA-SID: mixture of quantization with the sparse behavioral router; ranking and retrieval",
            {"tokenize.method": "ada-sid", "tokenize.source": "embed", "tokenize.collision": "digit",
             "ranker.sid_features": True},
@@ -169,7 +188,10 @@ def step_config(config_path: str | Path | None, overrides: list[str], preset: Pr
                 run_dir: str | None = None) -> Config:
     """The config one step runs with: YAML, then the preset's values, ``--set``, the step's values."""
     values = {**step.values, **({"run_dir": run_dir} if run_dir else {})}
-    return load_config(config_path, overrides, values=values, defaults=preset.values)
+    cfg = load_config(config_path, overrides, values=values, defaults=preset.values)
+    if step.derived is not None and (derived := step.derived(cfg)):
+        cfg = load_config(config_path, overrides, values={**values, **derived}, defaults=preset.values)
+    return cfg
 
 
 def stage_folder(cfg: Config, step: Step, run: RunDir) -> str:

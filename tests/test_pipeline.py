@@ -51,6 +51,13 @@ def test_values_apply_yaml_then_preset_then_overrides_then_step():
     cfg = step_config(TINY, overrides, bbq, behavior)
     assert (cfg.sasrec.reweight, cfg.sasrec.output_name) == ("none", "sasrec")  # the step over --set: e_b is plain
     assert step_config(TINY, [], bbq, downstream).sasrec.output_name == "sasrec-sid"
+    # BBQRec: the sequence-to-item loss on the IDs and the tokenizer's modalities on the items; e_b stays plain
+    cfg = step_config(TINY, ["tokenize.modalities=[content]"], bbq, downstream)
+    assert (cfg.sasrec.contrastive_weight, cfg.sasrec.contrastive_target) == (0.1, "sid")
+    assert cfg.sasrec.item_features == ["content"]
+    cfg = step_config(TINY, ["tokenize.modalities=[content]"], bbq, behavior)
+    assert (cfg.sasrec.contrastive_weight, cfg.sasrec.item_features, cfg.sasrec.output_name) == (0.0, [], "sasrec")
+    assert step_config(TINY, [], bbq, downstream).sasrec.item_features == []  # no modality named: IDs alone
     assert step_config(TINY, [], bbq, downstream, run_dir="/tmp/x").run_dir == "/tmp/x"
 
 
