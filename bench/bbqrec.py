@@ -211,13 +211,18 @@ def summarise(rows: list[dict]) -> dict[str, dict]:
     return out
 
 
-def paired(rows: list[dict], metrics: tuple[str, ...] = ("ndcg@10", "recall@20")) -> dict[str, list[dict]]:
-    """Every variant against SASRec-CE of the same seeds (a refit against SASRec-CE's refit), case by case
-    (``sidforge compare``)."""
-    bases = {b: {r["seed"]: r["dir"] for r in rows if r["variant"] == b} for b in ("sasrec-ce", "sasrec-ce-refit")}
+def paired(rows: list[dict], metrics: tuple[str, ...] = ("ndcg@10", "recall@20"),
+           base_name: str = "sasrec-ce") -> dict[str, list[dict]]:
+    """Every variant against ``base_name`` of the same seeds (a refit against the base's refit), case by case
+    (``sidforge compare``). With ``base_name="sasrec-ce-mm"`` only the other ``-mm`` variants are paired: the
+    semantic-ID parts against the same multimodal items without them."""
+    names = (base_name, f"{base_name}-refit")
+    bases = {b: {r["seed"]: r["dir"] for r in rows if r["variant"] == b} for b in names}
     out = {}
     for name in dict.fromkeys(r["variant"] for r in rows if r["variant"] not in bases):
-        base = bases["sasrec-ce-refit" if name.endswith("-refit") else "sasrec-ce"]
+        if base_name.endswith(MM) and MM not in name:
+            continue
+        base = bases[names[1] if name.endswith("-refit") else names[0]]
         pairs = [(base[r["seed"]], r["dir"]) for r in rows if r["variant"] == name and r["seed"] in base]
         if pairs and all((Path(d) / "ranks.parquet").is_file() for pair in pairs for d in pair):
             out[name] = sasrec.compare_case_ranks([b for b, _ in pairs], [o for _, o in pairs], metrics)
@@ -289,12 +294,14 @@ def main() -> None:
         seed_rows, quality[seed] = run_seed(args, seed, chosen)
         rows += seed_rows
         pairs = paired(rows)
+        pairs_mm = paired(rows, base_name=f"sasrec-ce{MM}")
         results = json.loads(out.read_text()) if out.is_file() else {}
         results[name] = {"config": args.config, "overrides": args.overrides, "seq_cl": args.seq_cl,
                          "seq_cl_target": args.seq_cl_target, "item_repr": args.item_repr, "item_features": args.item_features,
                          "refit": args.refit,
                          "machine": machine_description(), "runs": rows,
                          "summary": summarise(rows), "paired": pairs,
+                         "paired_vs_sasrec_ce_mm": pairs_mm,
                          "tokenizers": {str(s): q for s, q in quality.items()}}
         out.write_text(json.dumps(results, indent=2, default=str))
     print(format_table(*quality_table(quality)))
@@ -303,13 +310,14 @@ def main() -> None:
         table = [(v, *(f"{e[k]['mean']:.4f}±{e[k]['std']:.4f}" for k in KEYS), str(len(e["seeds"])))
                  for v, e in summarise(rows).items()]
         print(format_table(table, ("variant", *KEYS, "seeds")))
-        lines = [(v, r["split"], r["metric"], f"{r['diff']:+.4f}", f"[{r['low']:+.4f}, {r['high']:+.4f}]",
-                  f"{r['share_not_above']:.3f}", " ".join(f"{d:+.4f}" for d in r["run_diffs"]))
-                 for v, rs in pairs.items() for r in rs]
-        if lines:
-            print()
-            print(format_table(lines, ("variant - sasrec-ce(-refit)", "split", "metric", "paired diff", "95% interval over users",
-                                       "P(diff <= 0)", "per seed")))
+        for base_name, comparisons in (("sasrec-ce", pairs), (f"sasrec-ce{MM}", pairs_mm)):
+            lines = [(v, r["split"], r["metric"], f"{r['diff']:+.4f}", f"[{r['low']:+.4f}, {r['high']:+.4f}]",
+                      f"{r['share_not_above']:.3f}", " ".join(f"{d:+.4f}" for d in r["run_diffs"]))
+                     for v, rs in comparisons.items() for r in rs]
+            if lines:
+                print()
+                print(format_table(lines, (f"variant - {base_name}(-refit)", "split", "metric", "paired diff",
+                                           "95% interval over users", "P(diff <= 0)", "per seed")))
 
 
 if __name__ == "__main__":
