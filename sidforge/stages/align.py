@@ -252,15 +252,8 @@ class ItemInputs:
 def feature_inputs(cfg: Config, run_dir: RunDir) -> ItemInputs:
     """``features`` mode: the embed stage's modalities, concatenated."""
     emb = load_embeddings(run_dir)
-    modalities = list(cfg.align.modalities) or list(emb.vectors)
-    missing = [m for m in modalities if m not in emb.vectors]
-    if missing:
-        raise DataError(f"align.modalities: {missing} not in {run_dir.stage_dir('embed') / OUTPUT} (it has "
-                        f"{sorted(emb.vectors)})")
+    x, modalities = emb.stacked(cfg.align.modalities, "align.modalities", run_dir.stage_dir("embed") / OUTPUT)
     _check_ids(emb.item_id, run_dir.stage_dir("embed") / OUTPUT)
-    x = np.ascontiguousarray(np.concatenate([emb.vectors[m] for m in modalities], axis=1), dtype=np.float32)
-    if not np.isfinite(x).all():
-        raise DataError(f"{run_dir.stage_dir('embed') / OUTPUT}: embeddings contain NaN or inf; re-run `sidforge embed`")
     acfg = cfg.align
     model = FeatureAlignerConfig(input_dim=x.shape[1], hidden=acfg.hidden, out_dim=acfg.out_dim,
                                  residual=acfg.residual, temperature=acfg.temperature)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -79,6 +79,22 @@ class ItemEmbeddings:
             mask = None if valid is None or valid.all() else pa.array(~valid)
             columns[f"emb_{modality}"] = pa.FixedSizeListArray.from_arrays(values, dim, mask=mask)
         return pa.table(columns)
+
+    def stacked(self, modalities: Sequence[str], setting: str, path: Path,
+                rerun: str = "re-run `sidforge embed`") -> tuple[np.ndarray, list[str]]:
+        """The named modalities (every one when none is named) side by side, as later stages read them.
+
+        Returns ``(N, total width)`` float32 and the modality names; a modality ``path`` lacks is an error naming
+        the config ``setting``, and NaN or inf an error asking to ``rerun`` the stage that wrote ``path``.
+        """
+        names = list(modalities) or list(self.vectors)
+        missing = [m for m in names if m not in self.vectors]
+        if missing:
+            raise DataError(f"{setting}: {missing} not in {path} (it has {sorted(self.vectors)})")
+        x = np.concatenate([self.vectors[m] for m in names], axis=1).astype(np.float32, copy=False)
+        if not np.isfinite(x).all():
+            raise DataError(f"{path}: embeddings contain NaN or inf; {rerun}")
+        return x, names
 
     @classmethod
     def from_table(cls, table: pa.Table) -> ItemEmbeddings:

@@ -298,15 +298,9 @@ def _load_content(run_dir: RunDir, r: RankerTrainConfig, num_items: int) -> np.n
 
     path = _content_path(r, run_dir)
     emb = ItemEmbeddings.from_table(pq.read_table(path))
-    modalities = list(r.modalities) or list(emb.vectors)
-    missing = [m for m in modalities if m not in emb.vectors]
-    if missing:
-        raise DataError(f"ranker.modalities: {missing} not in {path} (it has {sorted(emb.vectors)})")
+    x, _ = emb.stacked(r.modalities, "ranker.modalities", path, rerun="re-run its stage")
     if not (emb.item_id == np.arange(num_items)).all():
         raise DataError(f"{path} must hold every item of prepare in id order; re-run its stage")
-    x = np.concatenate([emb.vectors[m] for m in modalities], axis=1).astype(np.float32)
-    if not np.isfinite(x).all():
-        raise DataError(f"{path}: embeddings contain NaN or inf; re-run its stage")
     return x
 
 

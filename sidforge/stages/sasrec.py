@@ -338,19 +338,13 @@ def load_item_features(run_dir: RunDir, modalities: Sequence[str], num_items: in
     """
     if not modalities:
         return None
-    from sidforge.stages.embed import load_embeddings
+    from sidforge.stages.embed import OUTPUT, load_embeddings
 
     emb = load_embeddings(run_dir)
-    missing = [m for m in modalities if m not in emb.vectors]
-    if missing:
-        raise DataError(f"sasrec.item_features: {missing} not in {run_dir.stage_dir('embed')} (it has "
-                        f"{sorted(emb.vectors)}); name embed modalities or re-run `sidforge embed`")
+    x, _ = emb.stacked(modalities, "sasrec.item_features", run_dir.stage_dir("embed") / OUTPUT)
     if not np.array_equal(emb.item_id, np.arange(num_items)):
         raise DataError(f"{run_dir.stage_dir('embed')}: the embeddings must list item ids 0..{num_items - 1} in "
                         "order, as prepare does; re-run `sidforge embed` on this run")
-    x = np.concatenate([emb.vectors[m] for m in modalities], axis=1).astype(np.float32)
-    if not np.isfinite(x).all():
-        raise DataError(f"{run_dir.stage_dir('embed')}: the embeddings contain NaN or inf; re-run `sidforge embed`")
     return x
 
 

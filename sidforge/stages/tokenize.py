@@ -416,14 +416,7 @@ def load_matrix(tcfg: TokenizeConfig, run_dir: RunDir) -> tuple[np.ndarray, np.n
         return item_id, x, ["behavior"]
     from sidforge.stages.embed import ItemEmbeddings
 
-    emb = ItemEmbeddings.from_table(table)
-    modalities = list(tcfg.modalities) or list(emb.vectors)
-    missing = [m for m in modalities if m not in emb.vectors]
-    if missing:
-        raise DataError(f"tokenize.modalities: {missing} not in {path} (it has {sorted(emb.vectors)})")
-    x = np.concatenate([emb.vectors[m] for m in modalities], axis=1)
-    if not np.isfinite(x).all():
-        raise DataError(f"{path}: embeddings contain NaN or inf; re-run `sidforge embed`")
+    x, modalities = ItemEmbeddings.from_table(table).stacked(tcfg.modalities, "tokenize.modalities", path)
     return item_id, x, modalities
 
 
